@@ -1,0 +1,155 @@
+"""One small adapter per router family: find a model's MoE routers and perturb their choice.
+
+transformers 5.x MoE blocks call a router module that returns
+`(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])`. We leave the
+model's code alone and add a forward hook on each router. Outside a RoE pass the
+hook returns nothing, so the model behaves exactly as before; `unpatch` removes
+the hooks. Adding an architecture is one `register(...)` line below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from . import routing
+
+
+@dataclass(frozen=True)
+class RouterAdapter:
+    block_attr: str  # attribute of a decoder layer that holds the MoE block
+    router_attr: str  # attribute of the MoE block that holds the router
+    select: Callable  # (router, logits [T, E], noise [T, E]) -> (weights [T, k], indices [T, k])
+
+
+ADAPTERS: dict[str, RouterAdapter] = {}
+
+
+def register(model_type: str, adapter: RouterAdapter) -> None:
+    ADAPTERS[model_type] = adapter
+
+
+def _norm_flag(router, logits, noise):
+    return routing.softmax_topk(router, logits, noise, normalize=router.norm_topk_prob)
+
+
+_always_norm = partial(routing.softmax_topk, normalize=True)
+_never_norm = partial(routing.softmax_topk, normalize=False)
+
+register("olmoe", RouterAdapter("mlp", "gate", _norm_flag))
+register("flex_olmo", RouterAdapter("mlp", "gate", _norm_flag))
+register("qwen2_moe", RouterAdapter("mlp", "gate", _norm_flag))
+register("qwen3_moe", RouterAdapter("mlp", "gate", _norm_flag))
+register("mixtral", RouterAdapter("mlp", "gate", _always_norm))
+register("hunyuan_v1_moe", RouterAdapter("mlp", "gate", _always_norm))
+register("gpt_oss", RouterAdapter("mlp", "router", routing.topk_softmax))
+register("granitemoe", RouterAdapter("block_sparse_moe", "router", routing.topk_softmax))
+register("deepseek_v3", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("glm4_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
+
+
+def supported_architectures() -> list[str]:
+    """transformers `model_type` names that RoE can wrap."""
+    return sorted(ADAPTERS)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _decoder_layers(model: nn.Module):
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at .model.layers")
+    return layers
+
+
+def find_routers(model: nn.Module) -> list[nn.Module]:
+    """The router module of every MoE layer, in layer order."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    supported = ", ".join(supported_architectures())
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None:
+        cfg = model.config
+        looks_moe = any(
+            getattr(cfg, a, None) for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+        )
+        if looks_moe:
+            raise UnsupportedModelError(
+                f"'{model_type}' is a Mixture-of-Experts architecture RoE does not support yet. Supported: {supported}."
+            )
+        raise UnsupportedModelError(
+            f"'{model_type}' is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE. "
+            f"Supported architectures: {supported}."
+        )
+    routers = []
+    for layer in _decoder_layers(model):
+        block = getattr(layer, adapter.block_attr, None)
+        router = getattr(block, adapter.router_attr, None) if block is not None else None
+        if router is not None and hasattr(router, "top_k"):
+            routers.append(router)
+    if not routers:
+        raise UnsupportedModelError(
+            f"this '{model_type}' model has no MoE layers (every layer is dense); RoE needs at least one. "
+            f"Supported architectures: {supported}."
+        )
+    return routers
+
+
+class RoutingNoise:
+    """What a router hook needs during one forward pass.
+
+    noise: [L, T, E] tau-scaled Gumbel noise per MoE layer, zero on clean rows (None: layer is clean)
+    noisy_rows: [T, 1] bool, True where the token belongs to a noisy sample
+    """
+
+    def __init__(self, noise: list[torch.Tensor | None], noisy_rows: torch.Tensor, record: bool = False):
+        self.noise = noise
+        self.noisy_rows = noisy_rows
+        self.chosen: list[torch.Tensor | None] | None = [None] * len(noise) if record else None
+
+
+ACTIVE: ContextVar[RoutingNoise | None] = ContextVar("roe_routing", default=None)
+
+
+def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
+    state = ACTIVE.get()
+    if state is None:
+        return None
+    logits, weights, idx = output
+    noise = state.noise[layer]
+    if noise is not None:
+        flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
+        noisy_w, noisy_idx = select(router, flat, noise.to(flat.device))
+        rows = state.noisy_rows.to(flat.device)
+        weights = torch.where(rows, noisy_w.to(weights.dtype), weights)
+        idx = torch.where(rows, noisy_idx.to(idx.dtype), idx)
+    if state.chosen is not None:
+        state.chosen[layer] = idx.detach()
+    return logits, weights, idx
+
+
+def patch(model: nn.Module) -> list[nn.Module]:
+    """Install the routing hooks once per model; returns the routers in MoE-layer order."""
+    existing = getattr(model, "_roe_hooks", None)
+    routers = find_routers(model)
+    if existing is None:
+        select = ADAPTERS[model.config.model_type].select
+        hooks = [r.register_forward_hook(partial(_router_hook, i, select)) for i, r in enumerate(routers)]
+        model._roe_hooks = hooks
+    return routers
+
+
+def unpatch(model: nn.Module) -> None:
+    for h in getattr(model, "_roe_hooks", None) or []:
+        h.remove()
+    if hasattr(model, "_roe_hooks"):
+        del model._roe_hooks

@@ -1,0 +1,136 @@
+"""The generation loop: greedy or sampled decoding from the aggregated distribution, EOS, stop strings, streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine import RoEPass, aggregate
+from .routing import noise_seed
+
+_SAMPLING_STREAM = 0x5A3D1E  # keeps the sampling generator's seed apart from the routing noise seeds
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: str | Sequence[str] | None = ()
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r} (use do_sample=False for greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0):
+            raise ValueError("temperature and top_p only apply with do_sample=True; greedy decoding ignores them")
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stops)
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+
+
+def choose_next(logprobs: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """logprobs [B, V] (aggregated, normalised) -> next token ids [B]."""
+    if not params.do_sample:
+        return logprobs.argmax(dim=-1)
+    probs = torch.softmax(logprobs / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p  # keep the smallest head whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    probs = probs.cpu()
+    return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(generators)])
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still become a stop string (or finish a multi-byte character)."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, 1)
+    return hold
+
+
+def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]) -> Iterator[list[Completion]]:
+    """Run the loop for B prompts; yields the completions after every step (text updated, finished ones marked)."""
+    cfg = roster.config
+    B = len(prompt_ids)
+    width = max(len(p) for p in prompt_ids)
+    pad = roster.pad_token_id
+    ids = torch.full((B, width), pad, dtype=torch.long)
+    mask = torch.zeros(B, width, dtype=torch.bool)
+    for b, p in enumerate(prompt_ids):  # left padding
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = True
+
+    run = roster.new_pass(seeds)
+    run.prefill(ids[:, :-1], mask[:, :-1])
+    current = ids[:, -1:]  # the last prompt token is the first noisy step (clean cache: noise only on the current token)
+    generators = [torch.Generator().manual_seed(noise_seed(s, _SAMPLING_STREAM)) for s in seeds]
+    outs = [Completion(prompt_tokens=len(p)) for p in prompt_ids]
+    alive = torch.ones(B, dtype=torch.bool)
+    eos = roster.eos_token_ids
+    for _ in range(params.max_new_tokens):
+        logits = run.forward(current, alive[:, None])  # [B, K, 1, V]
+        nxt = choose_next(aggregate(logits[:, :, -1], cfg.aggregate), params, generators).cpu()
+        for b in range(B):
+            if not alive[b]:
+                continue
+            out = outs[b]
+            tok = int(nxt[b])
+            if tok in eos:
+                out.finish_reason = "stop"
+                alive[b] = False
+                continue
+            out.token_ids.append(tok)
+            text = roster.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            out.text, stopped = _cut_at_stop(text, params.stop)
+            if stopped:
+                out.finish_reason = "stop"
+                alive[b] = False
+        yield outs
+        if not alive.any():
+            return
+        current = torch.where(alive, nxt, torch.full_like(nxt, pad))[:, None]
+    for out in outs:
+        if out.finish_reason is None:
+            out.finish_reason = "length"
+    yield outs
+
+
+def stream_text(roster, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[str]:
+    """Text pieces of one completion as they become final (stop strings never leak out)."""
+    sent = 0
+    for (out,) in decode_steps(roster, [prompt_ids], params, [seed]):
+        final = out.finish_reason is not None
+        upto = len(out.text) if final else len(out.text) - _held_back(out.text, params.stop)
+        if upto > sent:
+            yield out.text[sent:upto]
+            sent = upto
+        if final:
+            return

@@ -1,0 +1,197 @@
+"""RosterOfExperts: a Hugging Face MoE model plus a RoEConfig, with generate / stream / score / perplexity."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from . import adapters
+from .config import RoEConfig
+from .engine import RoEPass
+from .generate import Completion, SamplingParams, decode_steps, stream_text
+from .routing import layer_taus
+from .score import continuation_logprobs
+
+SCORE_BATCH = 8
+
+
+class RosterOfExperts:
+    """Wrap an already-loaded transformers MoE model (the weights are shared, never copied)."""
+
+    def __init__(self, model, tokenizer, roe: RoEConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = roe if roe is not None else RoEConfig()
+        if not isinstance(self.config, RoEConfig):
+            raise TypeError(f"roe must be a RoEConfig, got {type(self.config).__name__}")
+        self.routers = adapters.patch(model)
+        self.num_experts = [int(r.num_experts) for r in self.routers]
+        self.taus = layer_taus(self.config.tau, self.config.skip_layers, len(self.routers))
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        roe: RoEConfig | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
+        **model_kwargs,
+    ) -> RosterOfExperts:
+        """Load a checkpoint (a local folder, a hub id, or `builtin[:size]`) with safetensors only."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from .builtin import resolve_model
+
+        path, default_roe = resolve_model(str(name_or_path))
+        if roe is None:
+            roe = default_roe
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load a model config from {name_or_path!r}: {e}") from None
+        if config.model_type not in adapters.ADAPTERS:
+            # fail before loading gigabytes of weights
+            adapters.find_routers(type("Probe", (), {"config": config})())
+        if dtype is None:
+            dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **model_kwargs
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, roe)
+
+    def with_config(self, **changes) -> RosterOfExperts:
+        """The same weights with other RoE settings (no reload)."""
+        return RosterOfExperts(self.model, self.tokenizer, self.config.replace(**changes))
+
+    def unwrap(self):
+        """Remove RoE's hooks from the model and return it, exactly as it was."""
+        adapters.unpatch(self.model)
+        return self.model
+
+    def new_pass(self, seeds: list[int], record_experts: bool = False) -> RoEPass:
+        c = self.config
+        return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts)
+
+    # ---- input checks -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, reserve: int = 0) -> list[int]:
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one character of text")
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        self._check_length(len(ids), reserve, "prompt")
+        return ids
+
+    def _check_length(self, n: int, reserve: int, what: str) -> None:
+        if self.max_context is not None and n + reserve > self.max_context:
+            extra = f" plus {reserve} new tokens" if reserve else ""
+            raise ValueError(
+                f"the {what} has {n} tokens{extra}, more than the model's context of {self.max_context} tokens"
+            )
+
+    @staticmethod
+    def _as_list(prompts: str | Sequence[str], what: str) -> list[str]:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError(f"no {what} given")
+        return prompts
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def generate_completions(
+        self, prompts: str | Sequence[str], max_new_tokens: int = 64, do_sample: bool = False,
+        temperature: float = 1.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """Like `generate`, with token ids, counts and finish reasons. `seeds`: one per prompt (default: config.seed)."""
+        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, stop)
+        prompts = self._as_list(prompts, "prompts")
+        ids = [self.encode_prompt(p, max_new_tokens) for p in prompts]
+        seeds = list(seeds) if seeds is not None else [self.config.seed] * len(ids)
+        outs: list[Completion] = []
+        for outs in decode_steps(self, ids, params, seeds):
+            pass
+        return outs
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None) -> list[str]:
+        """One string per prompt: the generated text only, without the prompt."""
+        outs = self.generate_completions(prompts, max_new_tokens, do_sample, temperature, top_p, stop)
+        return [o.text for o in outs]
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+               top_p: float = 1.0, stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
+        """Yield text pieces of one completion as they are decoded."""
+        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, stop)
+        ids = self.encode_prompt(prompt, max_new_tokens)
+        yield from stream_text(self, ids, params, self.config.seed if seed is None else seed)
+
+    # ---- scoring ------------------------------------------------------------------------------------
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if not isinstance(context, str) or not isinstance(continuation, str):
+            raise TypeError("contexts and continuations must be strings")
+        if not continuation:
+            raise ValueError("a continuation is empty: there is nothing to score")
+        whole = self.tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
+        ctx = self.tokenizer(context, add_special_tokens=True)["input_ids"] if context else []
+        if not ctx:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise ValueError("a context is empty and the tokenizer has no BOS token to condition on")
+            ctx = [bos]
+            whole = ctx + self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            cont = whole[len(ctx) :]
+        else:  # the tokenizer merged across the boundary; score the continuation's own tokens
+            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        self._check_length(len(ctx) + len(cont), 0, "context plus continuation")
+        return ctx, cont
+
+    def token_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+        out = []
+        for i in range(0, len(pairs), SCORE_BATCH):
+            batch = pairs[i : i + SCORE_BATCH]
+            out += continuation_logprobs(self, batch, [self.config.seed] * len(batch))
+        return out
+
+    def score(self, contexts: str | Sequence[str], continuations: str | Sequence[str]) -> list[float]:
+        """Summed log-prob of each continuation given its context, under RoE."""
+        contexts = self._as_list(contexts, "contexts")
+        continuations = self._as_list(continuations, "continuations")
+        if len(contexts) != len(continuations):
+            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations: give one of each per item")
+        pairs = [self._split(c, x) for c, x in zip(contexts, continuations)]
+        return [float(lp.sum()) for lp in self.token_logprobs(pairs)]
+
+    def perplexity(self, texts: str | Sequence[str]) -> float:
+        """exp of the mean negative log-prob per token over all texts (the first token of each is the context)."""
+        pairs = []
+        for t in self._as_list(texts, "texts"):
+            ids = self.encode_prompt(t)
+            if len(ids) < 2:
+                raise ValueError(f"text {t[:40]!r} has fewer than 2 tokens: perplexity needs at least one predicted token")
+            pairs.append((ids[:1], ids[1:]))
+        lps = self.token_logprobs(pairs)
+        total = sum(float(lp.sum()) for lp in lps)
+        count = sum(lp.numel() for lp in lps)
+        return math.exp(-total / count)
+
+    def __repr__(self) -> str:
+        return f"RosterOfExperts({self.model.config.model_type}, {len(self.routers)} MoE layers, {self.config})"
+
