@@ -28,7 +28,7 @@ ARCHS = {
     "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, head_dim=8),
     "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
                         moe_intermediate_size=16, n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16,
-                        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4),
+                        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4, num_key_value_heads=4),
     "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
                      moe_intermediate_size=16, n_shared_experts=1, head_dim=8),
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,

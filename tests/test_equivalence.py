@@ -1,0 +1,66 @@
+"""For every supported architecture: tau = 0 (any K) and K = 1 (any tau) are exactly the base model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from roe import RoEConfig, RosterOfExperts, supported_architectures
+from tiny import ARCHS
+
+PROMPTS = ["The cat sat", "2+2="]
+
+
+def test_every_supported_architecture_is_tested():
+    assert set(supported_architectures()) == set(ARCHS)
+    assert len(ARCHS) >= 8
+
+
+def _base_greedy(model, tok, prompt, n):
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _base_logprobs(model, tok, context, continuation):
+    ids = tok(context + continuation, return_tensors="pt").input_ids
+    n_ctx = len(tok(context).input_ids)
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids).logits.float(), -1)
+    return float(logp[0, n_ctx - 1 : -1].gather(-1, ids[0, n_ctx:, None]).sum())
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_tau_zero_and_k_one_are_the_base_model(arch, tiny_path):
+    path = tiny_path(arch)
+    clean = RosterOfExperts.from_pretrained(path, roe=RoEConfig(num_samples=4, tau=0.0))
+    clean.eos_token_ids = set()  # compare full-length outputs
+    model, tok = clean.model, clean.tokenizer
+    base = [_base_greedy(model, tok, p, 12) for p in PROMPTS]
+    for cache in ("clean", "full"):
+        roster = clean.with_config(cache=cache)
+        roster.eos_token_ids = set()
+        got = [c.token_ids for c in roster.generate_completions(PROMPTS, max_new_tokens=12)]  # batched, left-padded
+        assert got == base, cache
+    k1 = clean.with_config(num_samples=1, tau=0.8, skip_layers=0)
+    k1.eos_token_ids = set()
+    assert [c.token_ids for c in k1.generate_completions(PROMPTS, max_new_tokens=12)] == base
+
+    ctxs, conts = ["The cat", "1+1"], [" sat on", "=2"]
+    expected = [_base_logprobs(model, tok, c, x) for c, x in zip(ctxs, conts)]
+    for roster in (clean, clean.with_config(cache="full"), k1):
+        assert roster.score(ctxs, conts) == pytest.approx(expected, abs=2e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_noise_changes_the_prediction(arch, tiny_path):
+    roster = RosterOfExperts.from_pretrained(tiny_path(arch), roe=RoEConfig(num_samples=8, tau=1.0, skip_layers=0))
+    ids = roster.tokenizer("The cat sat").input_ids
+    run = roster.new_pass([0], record_experts=True)
+    run.prefill(torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.bool))
+    logits = run.forward(torch.tensor([[ids[-1]]]))  # [1, K, 1, V]
+    chosen = run.chosen[-1]  # per MoE layer: [K rows, top_k]
+    distinct = [len({tuple(sorted(r)) for r in layer.tolist()}) for layer in chosen]
+    assert max(distinct) > 1, "noisy rows all picked the clean experts"
+    assert not torch.allclose(logits[0, 0], logits[0, 1:].mean(0)), "aggregated output equals the clean one"
+    base = roster.with_config(tau=0.0)
+    assert roster.score("The cat", " sat") != pytest.approx(base.score("The cat", " sat"), abs=1e-6)

@@ -1,0 +1,147 @@
+"""The noise is exactly Gumbel-top-k: k experts without replacement from softmax(R / tau)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from roe import routing
+from roe.config import RoEConfig
+
+
+class _Router:
+    top_k = 2
+
+
+def _plackett_luce(p: torch.Tensor, order: tuple[int, ...]) -> float:
+    """Probability of drawing `order` (in this order) without replacement from p."""
+    left, prob = 1.0, 1.0
+    for i in order:
+        prob *= float(p[i]) / left
+        left -= float(p[i])
+    return prob
+
+
+def _selected_set_frequencies(select, logits, tau, draws, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noise = routing.gumbel((draws, logits.numel()), g) * tau
+    _, idx = select(_Router(), logits.expand(draws, -1), noise)
+    counts = {}
+    for row in idx.sort(dim=-1).values.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return counts
+
+
+def _expected_set_probs(logits, tau, k=2):
+    p = torch.softmax(logits.double() / tau, dim=-1)
+    return {s: sum(_plackett_luce(p, o) for o in itertools.permutations(s)) for s in itertools.combinations(range(len(p)), k)}
+
+
+LOGITS = torch.tensor([1.2, 0.4, -0.3, 0.0, -1.0])
+
+
+@pytest.mark.parametrize("tau", [0.3, 1.0])
+def test_expert_sets_follow_sampling_without_replacement(tau):
+    draws = 40_000
+    counts = _selected_set_frequencies(lambda r, l, n: routing.softmax_topk(r, l, n, True), LOGITS, tau, draws)
+    expected = _expected_set_probs(LOGITS, tau)
+    keys = [s for s, q in expected.items() if q * draws >= 5]  # chi-square needs expected counts >= 5
+    rest = 1 - sum(expected[s] for s in keys)
+    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
+    exp = [expected[s] * draws for s in keys] + [rest * draws]
+    assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_chi_square_catches_noise_on_probabilities():
+    """The same test rejects a plausible wrong formula: Gumbel noise added to the probabilities."""
+    def wrong(router, logits, noise):
+        probs = torch.softmax(logits, -1)
+        return probs, torch.topk(probs + noise, router.top_k, dim=-1).indices
+
+    draws, tau = 40_000, 0.3
+    counts = _selected_set_frequencies(wrong, LOGITS, tau, draws)
+    expected = _expected_set_probs(LOGITS, tau)
+    keys = [s for s, q in expected.items() if q * draws >= 5]
+    rest = 1 - sum(expected[s] for s in keys)
+    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
+    exp = [expected[s] * draws for s in keys] + [rest * draws]
+    assert chisquare(obs, exp).pvalue < 1e-6
+
+
+def test_weights_are_the_models_own_for_the_chosen_experts():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    noise = torch.tensor([[0.0, 0.0, 5.0, 0.0]])  # forces expert 2 in
+    w, idx = routing.softmax_topk(_Router(), logits, noise, normalize=False)
+    probs = torch.softmax(logits, -1)
+    assert sorted(idx[0].tolist()) == [0, 2]
+    torch.testing.assert_close(w, probs.gather(-1, idx))
+    w, idx = routing.topk_softmax(_Router(), logits, noise)
+    torch.testing.assert_close(w, torch.softmax(logits.gather(-1, idx), -1))
+
+
+def test_noise_is_keyed_by_seed_and_position():
+    pos = torch.tensor([[3, 4, 5]])
+    a = routing.draw_token_noise([7], pos, 2, 3, 4)
+    b = routing.draw_token_noise([7], torch.tensor([[5]]), 2, 3, 4)
+    torch.testing.assert_close(a[:, 2:], b)  # same (seed, position) -> same draw, however it is batched
+    c = routing.draw_token_noise([8], pos, 2, 3, 4)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0, 0], a[0, 1])  # independent across positions
+    assert not torch.equal(a[0, 0, 0], a[0, 0, 1])  # ... samples
+    assert not torch.equal(a[0, 0, 0, 0], a[0, 0, 0, 1])  # ... and layers
+    assert abs(float(a.mean()) - 0.5772) < 0.6  # Gumbel mean (Euler's constant), loose at this size
+
+
+def test_gumbel_moments():
+    g = routing.gumbel((200_000,), torch.Generator().manual_seed(1))
+    assert abs(float(g.mean()) - 0.5772) < 0.01
+    assert abs(float(g.var()) - math.pi**2 / 6) < 0.03
+
+
+def test_layer_taus():
+    assert routing.layer_taus(0.3, 1, 5) == [0, 0.3, 0.3, 0.3, 0]
+    assert routing.layer_taus(0.3, 0, 2) == [0.3, 0.3]
+    assert routing.layer_taus(0.0, 3, 2) == [0, 0]
+    assert routing.layer_taus([0.1, 0.2], 1, 2) == [0.1, 0.2]
+    with pytest.raises(ValueError, match="one value per MoE layer"):
+        routing.layer_taus([0.1, 0.2, 0.3], 1, 2)
+    with pytest.raises(ValueError, match="leaves no noisy layer"):
+        routing.layer_taus(0.3, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_samples=0), "num_samples"),
+        (dict(num_samples=2.5), "num_samples"),
+        (dict(tau=-0.1), "tau must be >= 0"),
+        (dict(tau=[0.1, -1.0]), "tau must be >= 0"),
+        (dict(tau=float("nan")), "finite"),
+        (dict(tau="0.3"), "tau must be a number"),
+        (dict(tau=[]), "empty"),
+        (dict(skip_layers=-1), "skip_layers"),
+        (dict(aggregate="vote"), "aggregate must be one of"),
+        (dict(cache="paged"), "cache must be one of"),
+        (dict(seed=None), "seed"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RoEConfig(**kwargs)
+
+
+def test_config_replace_and_profile(tmp_path):
+    cfg = RoEConfig().replace(num_samples=16, tau=[0.1, 0.2])
+    assert cfg.num_samples == 16 and cfg.tau == (0.1, 0.2)
+    with pytest.raises(ValueError, match="unknown RoE setting"):
+        cfg.replace(temperature=2)
+    p = tmp_path / "p.json"
+    p.write_text('{"num_samples": 4, "tau": [0, 0.2, 0], "objective": "ppl"}')
+    loaded = RoEConfig.from_profile(p, seed=3)
+    assert loaded.num_samples == 4 and loaded.tau == (0, 0.2, 0) and loaded.seed == 3
+    assert loaded.extra["objective"] == "ppl"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        RoEConfig.from_profile(p)
