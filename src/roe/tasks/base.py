@@ -44,7 +44,7 @@ def generate_split(make: Callable[[random.Random, str], tuple[dict, bool]], spli
     for _ in range(500 * n + 1000):
         if len(out) == n:
             return out
-        want_held = split == "test" and len(out) % 2 == 1
+        want_held = split == "test" and len(out) % 3 == 2
         ex, held = make(rng, "test" if want_held else "train")
         k = key(ex)
         if k in seen or held != want_held or (not held and split_of(k) != split):

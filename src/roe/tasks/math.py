@@ -1,4 +1,5 @@
-"""GSM8K-format word problems: 2 to 4 arithmetic steps, a short worked solution, a final `#### N`."""
+"""GSM8K-format word problems: 2 to 4 arithmetic steps on two- and three-digit numbers, a short worked
+solution, a final `#### N`."""
 
 from __future__ import annotations
 
@@ -53,31 +54,28 @@ def make(rng: random.Random, split: str) -> tuple[dict, bool]:
     pron = "She" if name in {"Ann", "Sara", "Lily", "Maya", "Nina", "Ivy", "Zoe", "Ada", "Mia", "Eva"} else "He"
     obj_pron = "her" if pron == "She" else "him"
     fill = dict(name=name, obj=obj, pron=pron, obj_pron=obj_pron)
-    value = rng.randint(2, 30)
+    value = rng.randint(10, 99)
     held = False
     t = pick(rng, START, split)
     held |= t.held_out
     question = [t.text.format(a=value, **fill)]
     solution = [f"{name} starts with {value}."]
     for _ in range(rng.randint(2, 4)):
-        ops = ["add", "sub", "mul"] + (["div"] if any(value % d == 0 for d in (2, 3, 4, 5)) else [])
-        if value <= 2:
-            ops.remove("sub")
-        if value > 60:
-            ops.remove("mul")
+        divisors = [d for d in range(2, 10) if value % d == 0]
+        ops = ["add"] * (value < 500) + ["sub"] * (value > 2) + ["mul"] * (value < 150) + ["div"] * bool(divisors)
         op = rng.choice(ops)
         if op == "add":
-            b = rng.randint(1, 20)
+            b = rng.randint(10, 99)
             t, new, expr = pick(rng, ADD, split), value + b, f"{value} + {b}"
         elif op == "sub":
             b = rng.randint(1, value - 1)
             t, new, expr = pick(rng, SUB, split), value - b, f"{value} - {b}"
         elif op == "mul":
             t = pick(rng, MUL, split)
-            b = 2 if "doubles" in t.text else rng.randint(2, 4)
+            b = 2 if "doubles" in t.text else rng.randint(2, 9)
             new, expr = value * b, f"{value} * {b}"
         else:
-            b = rng.choice([d for d in (2, 3, 4, 5) if value % d == 0])
+            b = rng.choice(divisors)
             t, new, expr = pick(rng, DIV, split), value // b, f"{value} / {b}"
         held |= t.held_out
         question.append(t.text.format(b=b, **fill))
