@@ -33,9 +33,9 @@ def generate_split(make: Callable[[random.Random, str], tuple[dict, bool]], spli
     """n distinct examples of `split`. make(rng, split) -> (example, used_held_out_template).
 
     Train and validation hold the examples whose text hashes to them and use no
-    held-out template. Test alternates: one example from the seen templates that
-    hashes to test, one that uses at least one held-out template (which no other
-    split can contain), so test accuracy measures generalisation.
+    held-out template. In test, every third example uses at least one held-out
+    template (which no other split can contain); the others use seen templates
+    and hash to test. Test accuracy therefore measures generalisation too.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
