@@ -17,7 +17,7 @@ def parse_tau(text: str):
     return values[0] if len(values) == 1 else values
 
 
-def add_roe_options(p: argparse.ArgumentParser, k_list: bool = False) -> None:
+def add_roe_options(p: argparse.ArgumentParser, k_list: bool = False, cache_list: bool = False) -> None:
     """The RoE settings every command shares; unset ones fall back to --profile, then to the model's default."""
     p.add_argument("--model", default="builtin", help="checkpoint folder, hub id, or builtin[:s|m|l] (default: builtin)")
     p.add_argument("--profile", help="a tuned RoE profile JSON (from `roe tune`)")
@@ -28,7 +28,10 @@ def add_roe_options(p: argparse.ArgumentParser, k_list: bool = False) -> None:
     p.add_argument("--tau", type=parse_tau, help="one tau, or one per MoE layer separated by commas")
     p.add_argument("--skip-layers", type=int, help="MoE layers kept clean at each end when tau is one number")
     p.add_argument("--aggregate", choices=["probs", "logits", "logprobs"])
-    p.add_argument("--cache", choices=["clean", "full"])
+    if cache_list:
+        p.add_argument("--cache", default="clean,full", help="comma-separated cache modes to compare (clean,full)")
+    else:
+        p.add_argument("--cache", choices=["clean", "full"])
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
@@ -48,7 +51,7 @@ def roe_config(args, base=None, k=None):
             ("tau", args.tau),
             ("skip_layers", args.skip_layers),
             ("aggregate", args.aggregate),
-            ("cache", args.cache),
+            ("cache", args.cache if args.cache in ("clean", "full") else None),
             ("seed", args.seed),
         )
         if value is not None

@@ -193,7 +193,7 @@ def cmd_eval(args) -> int:
             table.add_column(col)
         for r in summarize(rows):
             table.add_row(r["task"], str(r["k"]), r["metric"], f"{r['mean']:.4f}", f"{r['std']:.4f}", str(r["seeds"]))
-        Console().print(table)
+        Console(width=160).print(table)
         if args.json:
             Path(args.json).write_text(json.dumps({"config": roster.config.to_dict(), "model": args.model,
                                                    "rows": rows, "summary": summarize(rows)}, indent=1))

@@ -1,0 +1,304 @@
+"""`roe bench`: decode latency, throughput and memory of RoE against the base model and two baselines.
+
+Every configuration runs the same minimal greedy loop (prefill, then one forward
+per new token, argmax of the aggregated distribution) in one process, so the
+ratios between rows are comparable. Methods:
+
+base         the plain transformers model with its own cache (no RoE hooks active)
+roe          the batched engine: B*K rows per forward, clean or full cache
+independent  K separate cached forwards per step, one per sample (full-cache semantics, no batching)
+naive        no cache: the whole sequence recomputed K times per step (only small K, few tokens)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .adapters import ACTIVE, RoutingNoise
+from .engine import aggregate
+from .routing import gumbel
+
+
+@dataclass
+class BenchRow:
+    method: str
+    k: int
+    cache: str | None
+    new_tokens: int
+    tokens_per_s: float
+    ms_per_token: float
+    prefill_ms: float
+    peak_mem_bytes: int
+    kv_cache_bytes: int | None
+    distinct_experts_per_layer: float | None
+
+
+class PeakMemory:
+    """Peak process RSS (CPU, sampled every 2 ms) or peak allocated CUDA memory during a block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _noise_for_one_row(roster, g: torch.Generator, seq: int):
+    per_layer = [None if t == 0 else gumbel((seq, e), g).to(roster.model.device) * t
+                 for t, e in zip(roster.taus, roster.num_experts)]
+    return RoutingNoise(per_layer, torch.ones(seq, 1, dtype=torch.bool, device=roster.model.device))
+
+
+def run_base(roster, prompt, new_tokens):
+    model, device = roster.model, roster.model.device
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+        _sync(device)
+        t2 = time.perf_counter()
+    from .engine import cache_bytes
+
+    return t1 - t0, t2 - t1, cache_bytes(cache)
+
+
+def run_roe(roster, prompt, new_tokens, record=False):
+    device = roster.model.device
+    run = roster.new_pass([roster.config.seed], record_experts=record)
+    mask = torch.ones_like(prompt, dtype=torch.bool)
+    t0 = time.perf_counter()
+    run.prefill(prompt[:, :-1], mask[:, :-1])
+    cur = prompt[:, -1:]
+    logits = run.forward(cur)
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        cur = aggregate(logits[:, :, -1], roster.config.aggregate).argmax(-1, keepdim=True)
+        logits = run.forward(cur)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, run.kv_cache_bytes(), run
+
+
+def run_independent(roster, prompt, new_tokens):
+    """K separate cached forwards per step; sample 0 clean, the others with their own noise."""
+    model, device, k = roster.model, roster.model.device, roster.config.num_samples
+    g = torch.Generator().manual_seed(roster.config.seed)
+    caches = [DynamicCache(config=model.config) for _ in range(k)]
+
+    def step(ids, j, **kw):
+        token = ACTIVE.set(_noise_for_one_row(roster, g, ids.shape[1]) if j else None)
+        try:
+            return model(ids, past_key_values=caches[j], use_cache=True, **kw).logits[:, -1:]
+        finally:
+            ACTIVE.reset(token)
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = torch.stack([step(prompt, j, logits_to_keep=1) for j in range(k)], 1)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = aggregate(logits[:, :, -1], roster.config.aggregate).argmax(-1, keepdim=True)
+            logits = torch.stack([step(nxt, j) for j in range(k)], 1)
+        _sync(device)
+        t2 = time.perf_counter()
+    from .engine import cache_bytes
+
+    return t1 - t0, t2 - t1, sum(cache_bytes(c) for c in caches)
+
+
+def run_naive(roster, prompt, new_tokens):
+    """No cache at all: every step recomputes the whole sequence once per sample."""
+    model, device, k = roster.model, roster.model.device, roster.config.num_samples
+    g = torch.Generator().manual_seed(roster.config.seed)
+    seq = prompt
+
+    def all_samples(ids):
+        out = []
+        for j in range(k):
+            token = ACTIVE.set(_noise_for_one_row(roster, g, ids.shape[1]) if j else None)
+            try:
+                out.append(model(ids, use_cache=False, logits_to_keep=1).logits[:, -1:])
+            finally:
+                ACTIVE.reset(token)
+        return torch.stack(out, 1)
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = all_samples(seq)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = aggregate(logits[:, :, -1], roster.config.aggregate).argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            logits = all_samples(seq)
+        _sync(device)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, 0
+
+
+def distinct_experts(roster, prompt, steps: int = 16) -> float:
+    """Mean number of distinct experts the K rows touch per MoE layer per decode step."""
+    _, _, _, run = run_roe(roster, prompt, steps, record=True)
+    k = roster.config.num_samples
+    counts = []
+    for forward in run.chosen[1:]:  # decode steps (the first forward is the prompt's last token)
+        for idx in forward:
+            if idx is not None:
+                counts.append(len(set(idx.view(k, -1).flatten().tolist())))
+    return sum(counts) / len(counts) if counts else float("nan")
+
+
+def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: int) -> BenchRow:
+    r = roster.with_config(num_samples=k, cache=cache or "clean")
+    device = roster.model.device
+    with PeakMemory(device) as mem:
+        if method == "base":
+            prefill, decode, kv = run_base(r, prompt, new_tokens)
+        elif method == "roe":
+            prefill, decode, kv, _ = run_roe(r, prompt, new_tokens)
+        elif method == "independent":
+            prefill, decode, kv = run_independent(r, prompt, new_tokens)
+        else:
+            prefill, decode, kv = run_naive(r, prompt, new_tokens)
+    distinct = distinct_experts(r, prompt) if method == "roe" and k > 1 else None
+    return BenchRow(method, k, cache, new_tokens, new_tokens / decode, 1000 * decode / new_tokens, 1000 * prefill,
+                    mem.peak, kv if method != "naive" else None, distinct)
+
+
+def random_olmoe_1b_7b(device: str, dtype=torch.bfloat16):
+    """A random-weight model with OLMoE-1B-7B's shape, for GPU timing without the checkpoint."""
+    from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
+
+    from .builtin import builtin_path
+
+    cfg = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                      num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
+                      max_position_embeddings=4096)
+    with torch.device(device):
+        model = OlmoeForCausalLM(cfg).to(dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(builtin_path("s"))
+
+
+def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tokens, independent_ks, warmup=True):
+    device = roster.model.device
+    g = torch.Generator().manual_seed(0)
+    vocab = min(roster.model.config.vocab_size, len(roster.tokenizer))
+    prompt = torch.randint(4, vocab, (1, prompt_tokens), generator=g).to(device)
+    if warmup:
+        measure(roster, "roe", max(ks), caches[0], prompt, 4)
+        measure(roster, "base", 1, None, prompt, 4)
+    rows = [measure(roster, "base", 1, None, prompt, new_tokens)]
+    for k in ks:
+        for cache in caches:
+            rows.append(measure(roster, "roe", k, cache, prompt, new_tokens))
+    for k in independent_ks:
+        rows.append(measure(roster, "independent", k, "full", prompt, new_tokens))
+    for k in naive_ks:
+        rows.append(measure(roster, "naive", k, None, prompt, naive_tokens))
+        rows.append(measure(roster, "roe", k, "clean", prompt, naive_tokens))  # same-length RoE row for the ratio
+    return rows
+
+
+def print_table(rows: list[BenchRow], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base = next(r for r in rows if r.method == "base")
+    table = Table(title=title)
+    for col in ("method", "K", "cache", "tokens", "tok/s", "x base", "ms/token", "prefill ms", "peak MiB", "KV KiB",
+                "experts/layer"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.method, str(r.k), r.cache or "-", str(r.new_tokens), f"{r.tokens_per_s:.1f}",
+                      f"{r.tokens_per_s / base.tokens_per_s:.2f}", f"{r.ms_per_token:.2f}", f"{r.prefill_ms:.1f}",
+                      f"{r.peak_mem_bytes / 2**20:.0f}", "-" if r.kv_cache_bytes is None else f"{r.kv_cache_bytes / 1024:.0f}",
+                      "-" if r.distinct_experts_per_layer is None else f"{r.distinct_experts_per_layer:.2f}")
+    Console(width=160).print(table)
+
+
+def cmd_bench(args) -> int:
+    from .cli import load_roster
+    from .roster import RosterOfExperts
+
+    ks = [int(k) for k in args.k.split(",")] if args.k else [1, 8, 32, 64]
+    caches = args.cache.split(",")
+    if not caches or any(c not in ("clean", "full") for c in caches):
+        raise ValueError(f"--cache takes clean, full or clean,full; got {args.cache!r}")
+    if args.model == "random-olmoe-1b-7b":
+        model, tok = random_olmoe_1b_7b(args.device)
+        roster = RosterOfExperts(model, tok, __import__("roe").RoEConfig(tau=args.tau or 0.5, skip_layers=1))
+    else:
+        if args.tau is None:
+            args.tau = 0.5  # large enough that noisy samples really pick other experts
+        roster = load_roster(args)
+    torch.manual_seed(0)
+    rows = run_bench(roster, ks, caches, args.prompt_tokens, args.new_tokens,
+                     [int(k) for k in args.naive_k.split(",")] if args.naive_k else [],
+                     args.naive_tokens, [int(k) for k in args.independent_k.split(",")] if args.independent_k else [])
+    device = str(roster.model.device)
+    if device == "cpu":
+        device += f" ({torch.get_num_threads()} threads)"
+    else:
+        device += f" ({torch.cuda.get_device_name()})"
+    title = f"roe bench: {args.model}, tau={roster.config.tau}, {args.prompt_tokens} prompt tokens, {device}"
+    print_table(rows, title)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"title": title, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return 0
+
+
+def add_parser(sub) -> None:
+    from .cli import add_roe_options
+
+    p = sub.add_parser("bench", help="latency, throughput and memory of RoE against the base model")
+    add_roe_options(p, k_list=True, cache_list=True)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--independent-k", default="8", help="K values for the K-independent-passes baseline")
+    p.add_argument("--naive-k", default="8", help="K values for the no-cache baseline (slow: keep small)")
+    p.add_argument("--naive-tokens", type=int, default=16, help="new tokens for the no-cache baseline")
+    p.add_argument("--json", help="write the rows as JSON")
+    p.set_defaults(func=cmd_bench)
