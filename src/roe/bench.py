@@ -216,8 +216,13 @@ def random_olmoe_1b_7b(device: str, dtype=torch.bfloat16):
     cfg = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
                       num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
                       max_position_embeddings=4096)
-    with torch.device(device):
-        model = OlmoeForCausalLM(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = OlmoeForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     return model.eval(), AutoTokenizer.from_pretrained(builtin_path("s"))
 
 
