@@ -123,14 +123,19 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
     yield outs
 
 
+def new_text(out: Completion, sent: int, stops: Sequence[str]) -> str:
+    """The part of a completion's text after `sent` characters that is final (no stop string can still form there)."""
+    upto = len(out.text) if out.finish_reason is not None else len(out.text) - _held_back(out.text, stops)
+    return out.text[sent:upto] if upto > sent else ""
+
+
 def stream_text(roster, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[str]:
     """Text pieces of one completion as they become final (stop strings never leak out)."""
     sent = 0
     for (out,) in decode_steps(roster, [prompt_ids], params, [seed]):
-        final = out.finish_reason is not None
-        upto = len(out.text) if final else len(out.text) - _held_back(out.text, params.stop)
-        if upto > sent:
-            yield out.text[sent:upto]
-            sent = upto
-        if final:
+        piece = new_text(out, sent, params.stop)
+        if piece:
+            yield piece
+            sent += len(piece)
+        if out.finish_reason is not None:
             return
