@@ -97,15 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the whole text at the end even in a terminal")
     g.set_defaults(func=cmd_generate)
 
-    for name, module in (("demo", "demo"), ("train-builtin", "train"), ("eval", "evaluate"), ("tune", "tune"),
-                         ("bench", "bench"), ("serve", "server")):
-        try:
-            mod = __import__(f"roe.{module}", fromlist=["add_parser"])
-        except ImportError as e:
-            if e.name and e.name.startswith("roe."):
-                continue  # that command is not part of this build
-            raise
-        mod.add_parser(sub)
+    from . import bench, demo, evaluate, server, train, tune
+
+    for module in (demo, train, evaluate, tune, bench, server):
+        module.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,164 @@
+"""`roe tune`: search the per-layer tau vector with Optuna's TPE sampler, on the validation split only.
+
+The middle MoE layers (all but `skip_layers` at each end) each get a tau in [0, max_tau]. The first trial is
+tau = 0 everywhere (the base model), so the search always knows the score to beat.
+"""
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+from .evaluate import EVALUATORS, load_items
+
+
+def objective_fn(roster, task: str, objective: str, items, middle: list[int], max_tau: float):
+    """Returns (optuna objective, direction)."""
+    n_layers = len(roster.routers)
+    if objective == "ppl":
+        from . import tasks
+
+        texts = [{"text": tasks.TASKS[task].document(ex)} for ex in items] if task in tasks.TASKS else items
+        direction = "minimize"
+
+        def score(r):
+            return EVALUATORS["ppl"](r, texts).value
+    elif objective == "accuracy":
+        if task == "ppl":
+            raise ValueError("objective 'accuracy' needs a task with answers (math, choice or code), not ppl")
+        direction = "maximize"
+
+        def score(r):
+            return EVALUATORS[task](r, items).value
+    else:
+        raise ValueError(f"objective must be ppl or accuracy, got {objective!r}")
+
+    def fn(trial):
+        taus = [0.0] * n_layers
+        for i in middle:
+            taus[i] = trial.suggest_float(f"tau_{i}", 0.0, max_tau)
+        value = score(roster.with_config(tau=taus))
+        trial.set_user_attr("tau", taus)
+        return value
+
+    return fn, direction
+
+
+def plots(study, middle: list[int], out_prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in study.trials if t.value is not None]
+    values = [t.value for t in trials]
+    best = (min if study.direction.name == "MINIMIZE" else max)
+    running = [best(values[: i + 1]) for i in range(len(values))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(values)), values, "o", ms=3, alpha=0.6, label="trial")
+    ax.plot(range(len(values)), running, "-", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation objective")
+    ax.legend()
+    fig.tight_layout()
+    history = out_prefix.with_name(out_prefix.stem + "_history.png")
+    fig.savefig(history, dpi=100)
+
+    order = sorted(range(len(trials)), key=lambda i: values[i], reverse=study.direction.name == "MAXIMIZE")
+    grid = [[trials[i].user_attrs["tau"][m] for m in range(len(trials[i].user_attrs["tau"]))] for i in order]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("trial (best first)")
+    fig.colorbar(im, label="tau")
+    fig.tight_layout()
+    heat = out_prefix.with_name(out_prefix.stem + "_tau_heatmap.png")
+    fig.savefig(heat, dpi=100)
+    return [history, heat]
+
+
+def cmd_tune(args) -> int:
+    import optuna
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    from .cli import load_roster
+
+    roster = load_roster(args)
+    n = len(roster.routers)
+    middle = list(range(args.skip_layers, n - args.skip_layers))
+    if not middle:
+        raise ValueError(f"--skip-layers {args.skip_layers} leaves no layer to tune (the model has {n} MoE layers)")
+    if not 0 < args.max_tau:
+        raise ValueError("--max-tau must be > 0")
+    items = load_items(args.task, "validation", args.val_examples, args.file)
+    fn, direction = objective_fn(roster, args.task, args.objective, items, middle, args.max_tau)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=args.seed),
+                                storage=args.storage, study_name=args.study_name, load_if_exists=bool(args.storage))
+    if not study.trials:
+        study.enqueue_trial({f"tau_{i}": 0.0 for i in middle})
+    todo = max(0, args.trials - len(study.trials))
+    bar = tqdm(total=todo, desc="tune")
+
+    def progress(study, trial):
+        bar.update(1)
+        if trial.value is not None:
+            bar.set_postfix(best=f"{study.best_value:.4f}")
+
+    start = time.time()
+    try:
+        study.optimize(fn, n_trials=todo, callbacks=[progress])
+    except KeyboardInterrupt:
+        print("interrupted: writing the best profile found so far")
+    finally:
+        bar.close()
+    best = study.best_trial
+    base = next((t.value for t in study.trials if t.value is not None and all(v == 0 for v in t.params.values())), None)
+    profile = {
+        "model": args.model,
+        "model_type": roster.model.config.model_type,
+        "num_samples": roster.config.num_samples,
+        "tau": best.user_attrs["tau"],
+        "skip_layers": args.skip_layers,
+        "aggregate": roster.config.aggregate,
+        "cache": roster.config.cache,
+        "seed": roster.config.seed,
+        "task": args.task,
+        "objective": args.objective,
+        "validation_score": best.value,
+        "validation_score_base": base,
+        "validation_examples": len(items),
+        "trials": len(study.trials),
+        "max_tau": args.max_tau,
+        "seconds": round(time.time() - start, 1),
+        "versions": {"roe": __import__("roe").__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "optuna": optuna.__version__,
+                     "python": platform.python_version()},
+    }
+    out = Path(args.output)
+    out.write_text(json.dumps(profile, indent=1) + "\n")
+    pngs = plots(study, middle, out)
+    print(json.dumps({k: profile[k] for k in ("tau", "validation_score", "validation_score_base", "trials")}))
+    print(f"wrote {out}, {', '.join(map(str, pngs))}")
+    return 0 if math.isfinite(best.value) else 1
+
+
+def add_parser(sub) -> None:
+    from .cli import add_roe_options
+
+    p = sub.add_parser("tune", help="search the per-layer tau vector (Optuna TPE) on the validation split")
+    add_roe_options(p)
+    p.set_defaults(skip_layers=1)
+    p.add_argument("--task", default="math", choices=list(EVALUATORS))
+    p.add_argument("--file", help="your own validation items (JSONL, or text for ppl) instead of the built-in split")
+    p.add_argument("--objective", default="ppl", choices=["ppl", "accuracy"])
+    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--max-tau", type=float, default=0.5)
+    p.add_argument("--val-examples", type=int, default=100)
+    p.add_argument("--storage", help="an Optuna storage URL, e.g. sqlite:///study.db, to resume a study")
+    p.add_argument("--study-name", default="roe-tune")
+    p.add_argument("-o", "--output", default="tuned.json")
+    p.set_defaults(func=cmd_tune)
