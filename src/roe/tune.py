@@ -98,9 +98,9 @@ def cmd_tune(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=args.seed),
                                 storage=args.storage, study_name=args.study_name, load_if_exists=bool(args.storage))
+    todo = max(0, args.trials - len(study.trials))
     if not study.trials:
         study.enqueue_trial({f"tau_{i}": 0.0 for i in middle})
-    todo = max(0, args.trials - len(study.trials))
     bar = tqdm(total=todo, desc="tune")
 
     def progress(study, trial):
