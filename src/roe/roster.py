@@ -163,12 +163,13 @@ class RosterOfExperts:
         self._check_length(len(ctx) + len(cont), 0, "context plus continuation")
         return ctx, cont
 
-    def token_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    def token_logprobs(self, pairs: list[tuple[list[int], list[int]]], with_greedy: bool = False) -> list:
+        """Per-token log-probs of each (context_ids, continuation_ids); with_greedy: (log-probs, is_greedy) pairs."""
         out = []
         for i in range(0, len(pairs), SCORE_BATCH):
             batch = pairs[i : i + SCORE_BATCH]
             out += continuation_logprobs(self, batch, [self.config.seed] * len(batch))
-        return out
+        return out if with_greedy else [lp for lp, _ in out]
 
     def score(self, contexts: str | Sequence[str], continuations: str | Sequence[str]) -> list[float]:
         """Summed log-prob of each continuation given its context, under RoE."""

@@ -15,8 +15,9 @@ from .engine import aggregate
 CHUNK = 64  # continuation tokens per forward: bounds the [B, K, S, V] logits
 
 
-def continuation_logprobs(roster, pairs: list[tuple[list[int], list[int]]], seeds: list[int]) -> list[torch.Tensor]:
-    """Per-token log-probs of each continuation given its context, for one batch of (context_ids, continuation_ids)."""
+def continuation_logprobs(roster, pairs: list[tuple[list[int], list[int]]], seeds: list[int]) -> list[tuple[torch.Tensor, bool]]:
+    """For one batch of (context_ids, continuation_ids): each continuation's per-token log-probs, and whether
+    every continuation token is the argmax of the aggregated distribution (what greedy decoding would pick)."""
     B = len(pairs)
     pad = roster.pad_token_id
     hist = max(len(c) for c, _ in pairs) - 1
@@ -43,5 +44,6 @@ def continuation_logprobs(roster, pairs: list[tuple[list[int], list[int]]], seed
     out = []
     for b, (_, cont) in enumerate(pairs):
         target = torch.tensor(cont)
-        out.append(logp[b, torch.arange(len(cont)), target])
+        rows = logp[b, : len(cont)]
+        out.append((rows[torch.arange(len(cont)), target], bool((rows.argmax(-1) == target).all())))
     return out
