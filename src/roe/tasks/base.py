@@ -17,6 +17,11 @@ def split_of(text: str) -> str:
     return "test" if h < 2 else "validation" if h < 4 else "train"
 
 
+def qa_prompt(question: str) -> str:
+    """The question-answer format that math and choice share."""
+    return f"Question: {question}\nAnswer:"
+
+
 @dataclass(frozen=True)
 class Template:
     text: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 from .base import Template, pick
+from .base import qa_prompt as prompt
 from .math import NAMES, OBJECTS
 
 WORDS = ["apple", "river", "garden", "stone", "cloud", "tiger", "window", "lemon", "forest", "candle", "bridge",
@@ -77,10 +78,6 @@ def make(rng: random.Random, split: str) -> tuple[dict, bool]:
 
 def key(ex: dict) -> str:
     return ex["question"]
-
-
-def prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
 
 
 def document(ex: dict) -> str:

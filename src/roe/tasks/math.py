@@ -7,6 +7,7 @@ import random
 import re
 
 from .base import Template, pick
+from .base import qa_prompt as prompt
 
 NAMES = ["Tom", "Ann", "Sara", "Ben", "Lily", "Omar", "Maya", "Leo", "Nina", "Sam", "Ivy", "Max", "Zoe", "Eli",
          "Ada", "Raj", "Mia", "Kai", "Eva", "Noah"]
@@ -90,10 +91,6 @@ def make(rng: random.Random, split: str) -> tuple[dict, bool]:
 
 def key(ex: dict) -> str:
     return ex["question"]
-
-
-def prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
 
 
 def document(ex: dict) -> str:
