@@ -59,3 +59,9 @@ def test_bench_json_rows(tmp_path):
     clean = {r["k"]: r["kv_cache_bytes"] for r in rows if r["method"] == "roe" and r["cache"] == "clean" and r["new_tokens"] == 4}
     assert clean[1] == clean[4]
     assert next(r for r in rows if r["method"] == "roe" and r["k"] == 4)["distinct_experts_per_layer"] > 4
+
+
+def test_export_tasks(tmp_path, capsys):
+    assert main(["export-tasks", "--out", str(tmp_path), "-n", "5"]) == 0
+    assert (tmp_path / "math_test.jsonl").read_text().count("\n") == 5
+    assert "choice_train.jsonl" in capsys.readouterr().out

@@ -82,6 +82,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export_tasks(args) -> int:
+    from .tasks import export_jsonl
+
+    for path in export_jsonl(args.out, args.n, args.seed):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roe", description="Roster of Experts: hyper-parallel inference for MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--no-stream", action="store_true", help="print the whole text at the end even in a terminal")
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export-tasks", help="write the built-in task suite as JSONL (GSM8K format for math) and text")
+    x.add_argument("--out", required=True)
+    x.add_argument("-n", type=int, default=500, help="items per task and split")
+    x.add_argument("--seed", type=int, default=0)
+    x.set_defaults(func=cmd_export_tasks)
 
     from . import bench, demo, evaluate, server, train, tune
 
