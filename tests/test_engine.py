@@ -160,3 +160,4 @@ def test_unwrap_leaves_the_model_bit_identical(tiny_path):
         after = model(ids).logits
     assert torch.equal(before, during) and torch.equal(before, after)
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+    assert roster.score("ab", "cd") != roster.with_config(tau=0.0).score("ab", "cd")  # re-hooks on use

@@ -82,6 +82,8 @@ class RosterOfExperts:
         return self.model
 
     def new_pass(self, seeds: list[int], record_experts: bool = False) -> RoEPass:
+        if getattr(self.model, "_roe_hooks", None) is None:  # another roster on this model unwrapped it
+            adapters.patch(self.model)
         c = self.config
         return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts)
 
