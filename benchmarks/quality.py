@@ -39,7 +39,11 @@ def main():
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--sweep-limit", type=int, default=100)
+    p.add_argument("--report-only", action="store_true", help="rewrite the markdown from results/quality.json")
     args = p.parse_args()
+    if args.report_only:
+        write_reports(json.loads((HERE / "results" / "quality.json").read_text()))
+        return
     torch.manual_seed(0)
     started = time.time()
     items = {t: load_items(t, "test", args.limit) for t in TASKS}
