@@ -85,7 +85,8 @@ def main():
     md = ["# Serving throughput\n",
           f"`roe serve` with builtin:s and its profile (K = {c.num_samples}, tau = {list(c.tau)}, clean cache), "
           f"{args.requests} streaming completions of {args.max_tokens} tokens each (greedy, test-split math prompts), "
-          f"CPU ({torch.get_num_threads()} threads). Command: `.venv/bin/python benchmarks/serve_bench.py`.\n",
+          f"CPU ({torch.get_num_threads()} threads). Command: `.venv/bin/python benchmarks/serve_bench.py "
+          f"--requests {args.requests} --max-tokens {args.max_tokens}`.\n",
           "| concurrency | requests/s | tokens/s | p50 latency s | max latency s | p50 time to first token s |",
           "|---|---|---|---|---|---|"]
     for r in rows:
