@@ -1,4 +1,11 @@
 import os
+import sys
+from pathlib import Path
+
+# the working tree, not an installed copy, is what the tests test (subprocesses inherit it through PYTHONPATH)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = SRC + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
