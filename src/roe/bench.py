@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from .adapters import ACTIVE, RoutingNoise
-from .engine import aggregate
+from .engine import aggregate, cache_bytes
 from .routing import gumbel
 
 
@@ -97,8 +97,6 @@ def run_base(roster, prompt, new_tokens):
             logits = model(nxt, past_key_values=cache, use_cache=True).logits
         _sync(device)
         t2 = time.perf_counter()
-    from .engine import cache_bytes
-
     return t1 - t0, t2 - t1, cache_bytes(cache)
 
 
@@ -143,8 +141,6 @@ def run_independent(roster, prompt, new_tokens):
             logits = torch.stack([step(nxt, j) for j in range(k)], 1)
         _sync(device)
         t2 = time.perf_counter()
-    from .engine import cache_bytes
-
     return t1 - t0, t2 - t1, sum(cache_bytes(c) for c in caches)
 
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import RoEConfig
 from .generate import Completion, SamplingParams, decode_steps, new_text
+from .routing import layer_taus
 
 log = logging.getLogger("roe.server")
 
@@ -132,6 +133,7 @@ class Scheduler:
         self.roster = roster
         self.limits = limits
         self.jobs: deque[Job] = deque()
+        self.rosters: dict[RoEConfig, object] = {}
         self.lock = threading.Condition()
         threading.Thread(target=self._work, daemon=True, name="roe-worker").start()
 
@@ -179,11 +181,12 @@ class Scheduler:
                     job.put(("error", e))
 
     def _roster_for(self, config: RoEConfig):
-        if config == self.roster.config:
-            return self.roster
-        c = config.to_dict()
-        c.pop("seed")
-        return self.roster.with_config(**c)
+        """The roster for these settings (seeds travel per job), made once per distinct setting."""
+        key = config.replace(seed=0)
+        if key not in self.rosters:
+            c = key.to_dict()
+            self.rosters[key] = self.roster.with_config(**c)
+        return self.rosters[key]
 
 
 def create_app(roster, model_name: str = "roe", limits: Limits | None = None, api_key: str | None = None):
@@ -249,7 +252,7 @@ def create_app(roster, model_name: str = "roe", limits: Limits | None = None, ap
             config = roster.config.replace(**changes)
             if config.num_samples > limits.max_k:
                 raise ValueError(f"roe.num_samples is {config.num_samples}; this server allows at most {limits.max_k}")
-            roster.with_config(**{k: v for k, v in config.to_dict().items() if k != "seed"})  # tau vs layer count
+            layer_taus(config.tau, config.skip_layers, len(roster.routers))  # a tau list must fit the model
             max_tokens = req.max_completion_tokens or req.max_tokens or 16
             if max_tokens > limits.max_tokens:
                 raise ValueError(f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}")
