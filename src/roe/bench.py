@@ -38,6 +38,7 @@ class BenchRow:
     peak_mem_bytes: int
     kv_cache_bytes: int | None
     distinct_experts_per_layer: float | None
+    experts: str | None = None  # transformers' experts implementation (expert dispatch) used for this row
 
 
 class PeakMemory:
@@ -200,7 +201,8 @@ def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: 
             prefill, decode, kv = run_naive(r, prompt, new_tokens)
     distinct = distinct_experts(r, prompt) if method == "roe" and k > 1 else None
     return BenchRow(method, k, cache, new_tokens, new_tokens / decode, 1000 * decode / new_tokens, 1000 * prefill,
-                    mem.peak, kv if method != "naive" else None, distinct)
+                    mem.peak, kv if method != "naive" else None, distinct,
+                    getattr(roster.model.config, "_experts_implementation", None))
 
 
 def random_olmoe_1b_7b(device: str, dtype=torch.bfloat16):
@@ -222,7 +224,8 @@ def random_olmoe_1b_7b(device: str, dtype=torch.bfloat16):
     return model.eval(), AutoTokenizer.from_pretrained(builtin_path("s"))
 
 
-def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tokens, independent_ks, warmup=True):
+def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tokens, independent_ks, warmup=True,
+              experts_impls=()):
     device = roster.model.device
     g = torch.Generator().manual_seed(0)
     vocab = min(roster.model.config.vocab_size, len(roster.tokenizer))
@@ -239,13 +242,26 @@ def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tok
     for k in naive_ks:
         rows.append(measure(roster, "naive", k, None, prompt, naive_tokens))
         rows.append(measure(roster, "roe", k, "clean", prompt, naive_tokens))  # same-length RoE row for the ratio
+    config = roster.model.config
+    default = config._experts_implementation
+    for impl in experts_impls:  # the expert dispatch, compared on the same shapes (clean cache)
+        if impl == default:
+            continue
+        config._experts_implementation = impl
+        try:
+            measure(roster, "base", 1, None, prompt, 8)
+            rows.append(measure(roster, "base", 1, None, prompt, new_tokens))
+            rows += [measure(roster, "roe", k, "clean", prompt, new_tokens) for k in ks if k > 1]
+        finally:
+            config._experts_implementation = default
     rows.append(measure(roster, "base", 1, None, prompt, new_tokens))  # again at the end: drift shows as a gap
     return rows
 
 
 def reference_base(rows: list[BenchRow]) -> BenchRow:
     """The faster of the base runs (first and last): ratios against it are conservative for RoE."""
-    return max((r for r in rows if r.method == "base"), key=lambda r: r.tokens_per_s)
+    default = rows[0].experts
+    return max((r for r in rows if r.method == "base" and r.experts == default), key=lambda r: r.tokens_per_s)
 
 
 def print_table(rows: list[BenchRow], title: str) -> None:
@@ -254,11 +270,11 @@ def print_table(rows: list[BenchRow], title: str) -> None:
 
     base = reference_base(rows)
     table = Table(title=title)
-    for col in ("method", "K", "cache", "tokens", "tok/s", "x base", "ms/token", "prefill ms", "peak MiB", "KV KiB",
-                "experts/layer"):
+    for col in ("method", "K", "cache", "experts impl", "tokens", "tok/s", "x base", "ms/token", "prefill ms",
+                "peak MiB", "KV KiB", "experts/layer"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r.method, str(r.k), r.cache or "-", str(r.new_tokens), f"{r.tokens_per_s:.1f}",
+        table.add_row(r.method, str(r.k), r.cache or "-", r.experts or "-", str(r.new_tokens), f"{r.tokens_per_s:.1f}",
                       f"{r.tokens_per_s / base.tokens_per_s:.2f}", f"{r.ms_per_token:.2f}", f"{r.prefill_ms:.1f}",
                       f"{r.peak_mem_bytes / 2**20:.0f}", "-" if r.kv_cache_bytes is None else f"{r.kv_cache_bytes / 1024:.0f}",
                       "-" if r.distinct_experts_per_layer is None else f"{r.distinct_experts_per_layer:.2f}")
@@ -283,7 +299,8 @@ def cmd_bench(args) -> int:
     torch.manual_seed(0)
     rows = run_bench(roster, ks, caches, args.prompt_tokens, args.new_tokens,
                      [int(k) for k in args.naive_k.split(",")] if args.naive_k else [],
-                     args.naive_tokens, [int(k) for k in args.independent_k.split(",")] if args.independent_k else [])
+                     args.naive_tokens, [int(k) for k in args.independent_k.split(",")] if args.independent_k else [],
+                     experts_impls=args.experts_impls.split(",") if args.experts_impls else ())
     device = str(roster.model.device)
     if device == "cpu":
         device += f" ({torch.get_num_threads()} threads)"
@@ -307,5 +324,7 @@ def add_parser(sub) -> None:
     p.add_argument("--independent-k", default="8", help="K values for the K-independent-passes baseline")
     p.add_argument("--naive-k", default="8", help="K values for the no-cache baseline (slow: keep small)")
     p.add_argument("--naive-tokens", type=int, default=16, help="new tokens for the no-cache baseline")
+    p.add_argument("--experts-impls", default="", help="also measure these transformers experts implementations "
+                   "(eager, batched_mm, grouped_mm), comma-separated")
     p.add_argument("--json", help="write the rows as JSON")
     p.set_defaults(func=cmd_bench)
