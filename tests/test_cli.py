@@ -50,7 +50,7 @@ def test_bench_json_rows(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "builtin", "-k", "1,4", "--prompt-tokens", "8", "--new-tokens", "4",
                  "--cache", "clean,full", "--independent-k", "2", "--naive-k", "2", "--naive-tokens", "2",
-                 "--json", str(out)]) == 0
+                 "--experts-impls", "eager", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     keys = {"method", "k", "cache", "tokens_per_s", "ms_per_token", "prefill_ms", "peak_mem_bytes", "kv_cache_bytes",
             "distinct_experts_per_layer"}
@@ -59,6 +59,8 @@ def test_bench_json_rows(tmp_path):
     clean = {r["k"]: r["kv_cache_bytes"] for r in rows if r["method"] == "roe" and r["cache"] == "clean" and r["new_tokens"] == 4}
     assert clean[1] == clean[4]
     assert next(r for r in rows if r["method"] == "roe" and r["k"] == 4)["distinct_experts_per_layer"] > 4
+    eager = [r for r in rows if r["experts"] == "eager"]
+    assert {(r["method"], r["k"]) for r in eager} == {("base", 1), ("roe", 4)}
 
 
 def test_export_tasks(tmp_path, capsys):
