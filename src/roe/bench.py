@@ -286,9 +286,9 @@ def cmd_bench(args) -> int:
     from .roster import RosterOfExperts
 
     ks = [int(k) for k in args.k.split(",")] if args.k else [1, 8, 32, 64]
-    caches = args.cache.split(",")
+    caches = args.caches.split(",")
     if not caches or any(c not in ("clean", "full") for c in caches):
-        raise ValueError(f"--cache takes clean, full or clean,full; got {args.cache!r}")
+        raise ValueError(f"--cache takes clean, full or clean,full; got {args.caches!r}")
     if args.model == "random-olmoe-1b-7b":
         model, tok = random_olmoe_1b_7b(args.device)
         roster = RosterOfExperts(model, tok, __import__("roe").RoEConfig(tau=args.tau or 0.5, skip_layers=1))

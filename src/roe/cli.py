@@ -29,7 +29,8 @@ def add_roe_options(p: argparse.ArgumentParser, k_list: bool = False, cache_list
     p.add_argument("--skip-layers", type=int, help="MoE layers kept clean at each end when tau is one number")
     p.add_argument("--aggregate", choices=["probs", "logits", "logprobs"])
     if cache_list:
-        p.add_argument("--cache", default="clean,full", help="comma-separated cache modes to compare (clean,full)")
+        p.add_argument("--cache", dest="caches", default="clean,full", help="comma-separated cache modes to compare")
+        p.set_defaults(cache=None)
     else:
         p.add_argument("--cache", choices=["clean", "full"])
     p.add_argument("--seed", type=int)
@@ -51,7 +52,7 @@ def roe_config(args, base=None, k=None):
             ("tau", args.tau),
             ("skip_layers", args.skip_layers),
             ("aggregate", args.aggregate),
-            ("cache", args.cache if args.cache in ("clean", "full") else None),
+            ("cache", args.cache),
             ("seed", args.seed),
         )
         if value is not None

@@ -125,6 +125,18 @@ def clean_cache_attention(
 AttentionInterface.register(CLEAN_ATTENTION, clean_cache_attention)
 
 
+def pad_batch(seqs: list[list[int]], width: int, pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids [B, width] and a bool mask of the real tokens, padded on the left or the right."""
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        if s:
+            span = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[b, span] = torch.tensor(s)
+            mask[b, span] = True
+    return ids, mask
+
+
 def aggregate(logits: torch.Tensor, how: str) -> torch.Tensor:
     """Combine the K samples. logits [B, K, ..., V] -> normalised log-probs [B, ..., V] (float32)."""
     logits = logits.float()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import RoEPass, aggregate
+from .engine import RoEPass, aggregate, pad_batch
 from .routing import noise_seed
 
 _SAMPLING_STREAM = 0x5A3D1E  # keeps the sampling generator's seed apart from the routing noise seeds
@@ -80,13 +80,8 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
     """Run the loop for B prompts; yields the completions after every step (text updated, finished ones marked)."""
     cfg = roster.config
     B = len(prompt_ids)
-    width = max(len(p) for p in prompt_ids)
     pad = roster.pad_token_id
-    ids = torch.full((B, width), pad, dtype=torch.long)
-    mask = torch.zeros(B, width, dtype=torch.bool)
-    for b, p in enumerate(prompt_ids):  # left padding
-        ids[b, width - len(p) :] = torch.tensor(p)
-        mask[b, width - len(p) :] = True
+    ids, mask = pad_batch(prompt_ids, max(len(p) for p in prompt_ids), pad, left=True)
 
     run = roster.new_pass(seeds)
     run.prefill(ids[:, :-1], mask[:, :-1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .engine import aggregate
+from .engine import aggregate, pad_batch
 
 CHUNK = 64  # continuation tokens per forward: bounds the [B, K, S, V] logits
 
@@ -18,21 +18,12 @@ CHUNK = 64  # continuation tokens per forward: bounds the [B, K, S, V] logits
 def continuation_logprobs(roster, pairs: list[tuple[list[int], list[int]]], seeds: list[int]) -> list[tuple[torch.Tensor, bool]]:
     """For one batch of (context_ids, continuation_ids): each continuation's per-token log-probs, and whether
     every continuation token is the argmax of the aggregated distribution (what greedy decoding would pick)."""
-    B = len(pairs)
     pad = roster.pad_token_id
-    hist = max(len(c) for c, _ in pairs) - 1
-    steps = max(len(x) for _, x in pairs)
-    prefix = torch.full((B, hist), pad, dtype=torch.long)
-    prefix_mask = torch.zeros(B, hist, dtype=torch.bool)
-    chunk = torch.full((B, steps), pad, dtype=torch.long)
-    chunk_mask = torch.zeros(B, steps, dtype=torch.bool)
-    for b, (ctx, cont) in enumerate(pairs):
-        if len(ctx) > 1:  # history left-padded, steps right-padded
-            prefix[b, hist - len(ctx) + 1 :] = torch.tensor(ctx[:-1])
-            prefix_mask[b, hist - len(ctx) + 1 :] = True
-        inputs = [ctx[-1]] + cont[:-1]
-        chunk[b, : len(inputs)] = torch.tensor(inputs)
-        chunk_mask[b, : len(inputs)] = True
+    history = [ctx[:-1] for ctx, _ in pairs]  # left-padded
+    inputs = [[ctx[-1]] + cont[:-1] for ctx, cont in pairs]  # right-padded
+    steps = max(len(x) for x in inputs)
+    prefix, prefix_mask = pad_batch(history, max(len(h) for h in history), pad, left=True)
+    chunk, chunk_mask = pad_batch(inputs, steps, pad, left=False)
 
     run = roster.new_pass(seeds)
     run.prefill(prefix, prefix_mask)
