@@ -50,7 +50,7 @@ def test_bench_json_rows(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "builtin", "-k", "1,4", "--prompt-tokens", "8", "--new-tokens", "4",
                  "--cache", "clean,full", "--independent-k", "2", "--naive-k", "2", "--naive-tokens", "2",
-                 "--experts-impls", "eager", "--json", str(out)]) == 0
+                 "--experts-impls", "eager", "--ablations", "--repeats", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     keys = {"method", "k", "cache", "tokens_per_s", "ms_per_token", "prefill_ms", "peak_mem_bytes", "kv_cache_bytes",
             "distinct_experts_per_layer"}
@@ -61,6 +61,9 @@ def test_bench_json_rows(tmp_path):
     assert next(r for r in rows if r["method"] == "roe" and r["k"] == 4)["distinct_experts_per_layer"] > 4
     eager = [r for r in rows if r["experts"] == "eager"]
     assert {(r["method"], r["k"]) for r in eager} == {("base", 1), ("roe", 4)}
+    assert {r["engine"] for r in rows if r["method"] == "roe" and r["k"] == 4} == {
+        "optimised", "no shared layers", "history copied K times", "neither"}
+    assert all(r["repeats"] == 2 and r["ms_per_token_min"] <= r["ms_per_token"] <= r["ms_per_token_max"] for r in rows)
 
 
 def test_export_tasks(tmp_path, capsys):

@@ -57,9 +57,10 @@ def reference_next_logprobs(roster, tokens, cache):
 
 @pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("cache", ["clean", "full"])
-def test_batched_engine_matches_reference(arch, cache, tiny_path):
+@pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt (clean cache)
+def test_batched_engine_matches_reference(arch, cache, skip, tiny_path):
     roster = RosterOfExperts.from_pretrained(
-        tiny_path(arch), roe=RoEConfig(num_samples=K, tau=TAU, skip_layers=0, cache=cache, seed=SEED)
+        tiny_path(arch), roe=RoEConfig(num_samples=K, tau=TAU, skip_layers=skip, cache=cache, seed=SEED)
     )
     roster.eos_token_ids = set()
     prompts = ["The cat sat", "2+2=4; 3+3"]  # different lengths: left padding in the batch
@@ -161,3 +162,23 @@ def test_unwrap_leaves_the_model_bit_identical(tiny_path):
     assert torch.equal(before, during) and torch.equal(before, after)
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
     assert roster.score("ab", "cd") != roster.with_config(tau=0.0).score("ab", "cd")  # re-hooks on use
+
+
+def test_leading_clean_layers_run_once_per_prompt(tiny_path):
+    roster = RosterOfExperts.from_pretrained(tiny_path("olmoe"), roe=RoEConfig(num_samples=8, tau=0.5, skip_layers=1))
+    layers = roster.model.model.layers
+    rows = {}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: rows.__setitem__(i, out.shape[0]))
+             for i, layer in enumerate(layers)]
+    try:
+        for config, expected in ((roster.config, [2, 16, 16, 16]),  # layer 0 is clean: shared by the 8 samples
+                                 (roster.config.replace(tau=0.0), [2, 2, 2, 2]),  # samples never separate
+                                 (roster.config.replace(cache="full"), [16, 16, 16, 16])):  # own histories
+            run = roster.with_config(**config.to_dict()).new_pass([0, 1])
+            run.prefill(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.bool))
+            logits = run.forward(torch.tensor([[9], [10]]))
+            assert logits.shape[:3] == (2, 8, 1)
+            assert [rows[i] for i in range(len(layers))] == expected
+    finally:
+        for h in hooks:
+            h.remove()

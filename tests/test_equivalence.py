@@ -64,3 +64,24 @@ def test_noise_changes_the_prediction(arch, tiny_path):
     assert not torch.allclose(logits[0, 0], logits[0, 1:].mean(0)), "aggregated output equals the clean one"
     base = roster.with_config(tau=0.0)
     assert roster.score("The cat", " sat") != pytest.approx(base.score("The cat", " sat"), abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_engine_optimisations_do_not_change_results(arch, tiny_path):
+    """Shared leading layers and the folded clean history give what the unoptimised engine gives."""
+    roster = RosterOfExperts.from_pretrained(tiny_path(arch), roe=RoEConfig(num_samples=4, tau=1.0, skip_layers=1))
+    ids = torch.randint(3, roster.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :1] = False  # left padding in the batch
+
+    def run(**options):
+        p = roster.new_pass([3, 4], **options)
+        p.prefill(ids[:, :-2], mask[:, :-2])
+        decode = p.forward(ids[:, -2:-1])  # one position: the fused decode attention
+        chunk = p.forward(torch.cat([ids[:, -1:], ids[:, :2]], 1))  # a 3-token chunk: the general attention
+        return decode, chunk
+
+    fast = run()
+    for options in (dict(share_layers=False), dict(fold_samples=False), dict(share_layers=False, fold_samples=False)):
+        for a, b in zip(fast, run(**options)):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)

@@ -2,9 +2,11 @@
 
 transformers 5.x MoE blocks call a router module that returns
 `(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])`. We leave the
-model's code alone and add a forward hook on each router. Outside a RoE pass the
-hook returns nothing, so the model behaves exactly as before; `unpatch` removes
-the hooks. Adding an architecture is one `register(...)` line below.
+model's code alone and add a forward hook on each router, plus a forward pre-hook
+on each decoder layer through which the engine can widen a layer's inputs (it
+copies each prompt's rows into its K samples at the first noisy layer). Outside a
+RoE pass the hooks return nothing, so the model behaves exactly as before;
+`unpatch` removes them. Adding an architecture is one `register(...)` line below.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def _decoder_layers(model: nn.Module):
 
 def find_routers(model: nn.Module) -> list[nn.Module]:
     """The router module of every MoE layer, in layer order."""
+    return [router for _, router in find_moe_layers(model)]
+
+
+def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(decoder-layer index, router) of every MoE layer, in layer order (dense layers are skipped)."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     supported = ", ".join(supported_architectures())
     adapter = ADAPTERS.get(model_type)
@@ -91,11 +98,11 @@ def find_routers(model: nn.Module) -> list[nn.Module]:
             f"Supported architectures: {supported}."
         )
     routers = []
-    for layer in _decoder_layers(model):
+    for i, layer in enumerate(_decoder_layers(model)):
         block = getattr(layer, adapter.block_attr, None)
         router = getattr(block, adapter.router_attr, None) if block is not None else None
         if router is not None and hasattr(router, "top_k"):
-            routers.append(router)
+            routers.append((i, router))
     if not routers:
         raise UnsupportedModelError(
             f"this '{model_type}' model has no MoE layers (every layer is dense); RoE needs at least one. "
@@ -119,6 +126,9 @@ class RoutingNoise:
 
 ACTIVE: ContextVar[RoutingNoise | None] = ContextVar("roe_routing", default=None)
 
+# (decoder-layer index, args, kwargs) -> (args, kwargs) or None; set by the engine during a forward
+LAYER_INPUTS: ContextVar[Callable | None] = ContextVar("roe_layer_inputs", default=None)
+
 
 def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
     state = ACTIVE.get()
@@ -137,13 +147,19 @@ def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
     return logits, weights, idx
 
 
+def _layer_pre_hook(layer: int, module: nn.Module, args, kwargs):
+    widen = LAYER_INPUTS.get()
+    return None if widen is None else widen(layer, args, kwargs)
+
+
 def patch(model: nn.Module) -> list[nn.Module]:
-    """Install the routing hooks once per model; returns the routers in MoE-layer order."""
-    existing = getattr(model, "_roe_hooks", None)
+    """Install the hooks once per model; returns the routers in MoE-layer order."""
     routers = find_routers(model)
-    if existing is None:
+    if getattr(model, "_roe_hooks", None) is None:
         select = ADAPTERS[model.config.model_type].select
         hooks = [r.register_forward_hook(partial(_router_hook, i, select)) for i, r in enumerate(routers)]
+        hooks += [layer.register_forward_pre_hook(partial(_layer_pre_hook, i), with_kwargs=True)
+                  for i, layer in enumerate(_decoder_layers(model))]
         model._roe_hooks = hooks
     return routers
 

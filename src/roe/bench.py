@@ -8,6 +8,11 @@ base         the plain transformers model with its own cache (no RoE hooks activ
 roe          the batched engine: B*K rows per forward, clean or full cache
 independent  K separate cached forwards per step, one per sample (full-cache semantics, no batching)
 naive        no cache: the whole sequence recomputed K times per step (only small K, few tokens)
+
+Every configuration is measured `repeats` times in interleaved rounds (so slow
+drift of a shared machine hits all of them alike) and the median run is kept.
+`--ablations` adds RoE rows with one engine optimisation switched off each, the
+"before" of its before/after pair.
 """
 
 from __future__ import annotations
@@ -39,6 +44,18 @@ class BenchRow:
     kv_cache_bytes: int | None
     distinct_experts_per_layer: float | None
     experts: str | None = None  # transformers' experts implementation (expert dispatch) used for this row
+    engine: str = "optimised"  # "optimised", or which engine optimisation this row switches off
+    repeats: int = 1
+    ms_per_token_min: float | None = None  # spread of the repeats
+    ms_per_token_max: float | None = None
+
+
+# engine optimisations that can be switched off, by the name a row reports
+ABLATIONS = {
+    "no shared layers": dict(share_layers=False),
+    "history copied K times": dict(fold_samples=False),
+    "neither": dict(share_layers=False, fold_samples=False),
+}
 
 
 class PeakMemory:
@@ -101,9 +118,9 @@ def run_base(roster, prompt, new_tokens):
     return t1 - t0, t2 - t1, cache_bytes(cache)
 
 
-def run_roe(roster, prompt, new_tokens, record=False):
+def run_roe(roster, prompt, new_tokens, record=False, **engine_options):
     device = roster.model.device
-    run = roster.new_pass([roster.config.seed], record_experts=record)
+    run = roster.new_pass([roster.config.seed], record_experts=record, **engine_options)
     mask = torch.ones_like(prompt, dtype=torch.bool)
     t0 = time.perf_counter()
     run.prefill(prompt[:, :-1], mask[:, :-1])
@@ -178,31 +195,45 @@ def run_naive(roster, prompt, new_tokens):
 def distinct_experts(roster, prompt, steps: int = 16) -> float:
     """Mean number of distinct experts the K rows touch per MoE layer per decode step."""
     _, _, _, run = run_roe(roster, prompt, steps, record=True)
-    k = roster.config.num_samples
     counts = []
     for forward in run.chosen[1:]:  # decode steps (the first forward is the prompt's last token)
         for idx in forward:
             if idx is not None:
-                counts.append(len(set(idx.view(k, -1).flatten().tolist())))
+                counts.append(len(set(idx.flatten().tolist())))  # rows before the fan-out layer are shared
     return sum(counts) / len(counts) if counts else float("nan")
 
 
-def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: int) -> BenchRow:
+def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: int, engine: str = "optimised",
+            experts: str | None = None) -> BenchRow:
     r = roster.with_config(num_samples=k, cache=cache or "clean")
     device = roster.model.device
-    with PeakMemory(device) as mem:
-        if method == "base":
-            prefill, decode, kv = run_base(r, prompt, new_tokens)
-        elif method == "roe":
-            prefill, decode, kv, _ = run_roe(r, prompt, new_tokens)
-        elif method == "independent":
-            prefill, decode, kv = run_independent(r, prompt, new_tokens)
-        else:
-            prefill, decode, kv = run_naive(r, prompt, new_tokens)
-    distinct = distinct_experts(r, prompt) if method == "roe" and k > 1 else None
+    config = roster.model.config
+    default = config._experts_implementation
+    config._experts_implementation = experts or default
+    try:
+        with PeakMemory(device) as mem:
+            if method == "base":
+                prefill, decode, kv = run_base(r, prompt, new_tokens)
+            elif method == "roe":
+                prefill, decode, kv, _ = run_roe(r, prompt, new_tokens, **ABLATIONS.get(engine, {}))
+            elif method == "independent":
+                prefill, decode, kv = run_independent(r, prompt, new_tokens)
+            else:
+                prefill, decode, kv = run_naive(r, prompt, new_tokens)
+        used = config._experts_implementation
+    finally:
+        config._experts_implementation = default
     return BenchRow(method, k, cache, new_tokens, new_tokens / decode, 1000 * decode / new_tokens, 1000 * prefill,
-                    mem.peak, kv if method != "naive" else None, distinct,
-                    getattr(roster.model.config, "_experts_implementation", None))
+                    mem.peak, kv if method != "naive" else None, None, used, engine)
+
+
+def _median_row(runs: list[BenchRow]) -> BenchRow:
+    runs = sorted(runs, key=lambda r: r.ms_per_token)
+    row = runs[len(runs) // 2]
+    row.repeats = len(runs)
+    row.ms_per_token_min, row.ms_per_token_max = runs[0].ms_per_token, runs[-1].ms_per_token
+    row.peak_mem_bytes = max(r.peak_mem_bytes for r in runs)
+    return row
 
 
 def random_olmoe_1b_7b(device: str, dtype=torch.bfloat16):
@@ -225,36 +256,40 @@ def random_olmoe_1b_7b(device: str, dtype=torch.bfloat16):
 
 
 def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tokens, independent_ks, warmup=True,
-              experts_impls=()):
+              experts_impls=(), ablations=False, repeats=1):
     device = roster.model.device
     g = torch.Generator().manual_seed(0)
     vocab = min(roster.model.config.vocab_size, len(roster.tokenizer))
     prompt = torch.randint(4, vocab, (1, prompt_tokens), generator=g).to(device)
+    default = roster.model.config._experts_implementation
+    # (method, K, cache, new tokens, engine variant, experts implementation), in the order of the table
+    configs = [("base", 1, None, new_tokens, "optimised", None)]
+    configs += [("roe", k, cache, new_tokens, "optimised", None) for k in ks for cache in caches]
+    if ablations:
+        configs += [("roe", k, "clean", new_tokens, name, None) for k in ks if k > 1 for name in ABLATIONS]
+    configs += [("independent", k, "full", new_tokens, "optimised", None) for k in independent_ks]
+    for k in naive_ks:
+        configs += [("naive", k, None, naive_tokens, "optimised", None),
+                    ("roe", k, "clean", naive_tokens, "optimised", None)]  # same-length RoE row for the ratio
+    for impl in experts_impls:  # the expert dispatch, compared on the same shapes (clean cache)
+        if impl != default:
+            configs += [("base", 1, None, new_tokens, "optimised", impl)]
+            configs += [("roe", k, "clean", new_tokens, "optimised", impl) for k in ks if k > 1]
+    configs.append(("base", 1, None, new_tokens, "last", None))  # at the end: drift shows as a gap to the first
     if warmup:  # kernel selection, allocator growth and clocks settle before anything is timed
         measure(roster, "base", 1, None, prompt, 32)
         measure(roster, "roe", max(ks), caches[0], prompt, 8)
-    rows = [measure(roster, "base", 1, None, prompt, new_tokens)]
-    for k in ks:
-        for cache in caches:
-            rows.append(measure(roster, "roe", k, cache, prompt, new_tokens))
-    for k in independent_ks:
-        rows.append(measure(roster, "independent", k, "full", prompt, new_tokens))
-    for k in naive_ks:
-        rows.append(measure(roster, "naive", k, None, prompt, naive_tokens))
-        rows.append(measure(roster, "roe", k, "clean", prompt, naive_tokens))  # same-length RoE row for the ratio
-    config = roster.model.config
-    default = config._experts_implementation
-    for impl in experts_impls:  # the expert dispatch, compared on the same shapes (clean cache)
-        if impl == default:
-            continue
-        config._experts_implementation = impl
-        try:
-            measure(roster, "base", 1, None, prompt, 8)
-            rows.append(measure(roster, "base", 1, None, prompt, new_tokens))
-            rows += [measure(roster, "roe", k, "clean", prompt, new_tokens) for k in ks if k > 1]
-        finally:
-            config._experts_implementation = default
-    rows.append(measure(roster, "base", 1, None, prompt, new_tokens))  # again at the end: drift shows as a gap
+    runs: dict[tuple, list[BenchRow]] = {c: [] for c in configs}
+    for _ in range(repeats):
+        for c in configs:
+            method, k, cache, tokens, engine, impl = c
+            runs[c].append(measure(roster, method, k, cache, prompt, tokens, "optimised" if engine == "last" else engine,
+                                   impl))
+    rows = [_median_row(runs[c]) for c in configs]
+    for c, row in zip(configs, rows):
+        method, k, cache, tokens, engine, impl = c
+        if method == "roe" and k > 1 and engine == "optimised":
+            row.distinct_experts_per_layer = distinct_experts(roster.with_config(num_samples=k, cache=cache), prompt)
     return rows
 
 
@@ -270,11 +305,12 @@ def print_table(rows: list[BenchRow], title: str) -> None:
 
     base = reference_base(rows)
     table = Table(title=title)
-    for col in ("method", "K", "cache", "experts impl", "tokens", "tok/s", "x base", "ms/token", "prefill ms",
-                "peak MiB", "KV KiB", "experts/layer"):
+    for col in ("method", "K", "cache", "engine", "experts impl", "tokens", "tok/s", "x base", "ms/token",
+                "prefill ms", "peak MiB", "KV KiB", "experts/layer"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r.method, str(r.k), r.cache or "-", r.experts or "-", str(r.new_tokens), f"{r.tokens_per_s:.1f}",
+        table.add_row(r.method, str(r.k), r.cache or "-", r.engine if r.method == "roe" else "-", r.experts or "-",
+                      str(r.new_tokens), f"{r.tokens_per_s:.1f}",
                       f"{r.tokens_per_s / base.tokens_per_s:.2f}", f"{r.ms_per_token:.2f}", f"{r.prefill_ms:.1f}",
                       f"{r.peak_mem_bytes / 2**20:.0f}", "-" if r.kv_cache_bytes is None else f"{r.kv_cache_bytes / 1024:.0f}",
                       "-" if r.distinct_experts_per_layer is None else f"{r.distinct_experts_per_layer:.2f}")
@@ -289,6 +325,8 @@ def cmd_bench(args) -> int:
     caches = args.caches.split(",")
     if not caches or any(c not in ("clean", "full") for c in caches):
         raise ValueError(f"--cache takes clean, full or clean,full; got {args.caches!r}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.model == "random-olmoe-1b-7b":
         model, tok = random_olmoe_1b_7b(args.device)
         roster = RosterOfExperts(model, tok, __import__("roe").RoEConfig(tau=args.tau or 0.5, skip_layers=1))
@@ -300,7 +338,8 @@ def cmd_bench(args) -> int:
     rows = run_bench(roster, ks, caches, args.prompt_tokens, args.new_tokens,
                      [int(k) for k in args.naive_k.split(",")] if args.naive_k else [],
                      args.naive_tokens, [int(k) for k in args.independent_k.split(",")] if args.independent_k else [],
-                     experts_impls=args.experts_impls.split(",") if args.experts_impls else ())
+                     experts_impls=args.experts_impls.split(",") if args.experts_impls else (),
+                     ablations=args.ablations, repeats=args.repeats)
     device = str(roster.model.device)
     if device == "cpu":
         device += f" ({torch.get_num_threads()} threads)"
@@ -326,5 +365,9 @@ def add_parser(sub) -> None:
     p.add_argument("--naive-tokens", type=int, default=16, help="new tokens for the no-cache baseline")
     p.add_argument("--experts-impls", default="", help="also measure these transformers experts implementations "
                    "(eager, batched_mm, grouped_mm), comma-separated")
+    p.add_argument("--ablations", action="store_true", help="also measure RoE with each engine optimisation "
+                   "switched off (the before/after rows)")
+    p.add_argument("--repeats", type=int, default=1, help="measure every row this many times (interleaved) and "
+                   "keep the median")
     p.add_argument("--json", help="write the rows as JSON")
     p.set_defaults(func=cmd_bench)

@@ -12,6 +12,11 @@ is read once for all K queries and never copied K times.
 
 cache="full": every sample is an independent noisy run of the whole sequence,
 with its own rows in an ordinary transformers cache (K times the memory).
+
+Shared leading layers (clean cache): every decoder layer before the first noisy
+MoE layer computes the same thing for the K samples of a prompt, so the forward
+starts with B rows and each row is copied into its K samples at the entrance of
+that layer. With no noisy layer at all (tau = 0) the K samples never separate.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
-from .adapters import ACTIVE, RoutingNoise
+from .adapters import ACTIVE, LAYER_INPUTS, RoutingNoise, find_moe_layers
 from .routing import draw_token_noise
 
 CLEAN_ATTENTION = "roe_clean"
@@ -31,11 +36,34 @@ CLEAN_ATTENTION = "roe_clean"
 
 @dataclass
 class _CleanStep:
-    k: int  # rows per prompt in this forward
+    k: int  # samples per prompt
+    fanout: int | None  # decoder layer from which a prompt has K rows (before it: one); None: never
     valid: torch.Tensor  # [B, T] bool: every position seen so far, this chunk included
     chunk: int  # S, the chunk length
+    fold: bool = True  # read the clean history once for all K samples (False: K copies, for the benchmark)
     shared: dict = field(default_factory=dict)  # layer -> (keys, values) of the clean history + clean chunk
-    masks: dict = field(default_factory=dict)  # (kv_len, window) -> [B, S, kv_len] bool
+    masks: dict = field(default_factory=dict)  # (kind, kv_len, window) -> bool mask
+    widened: dict = field(default_factory=dict)  # id(tensor) -> the tensor with each row copied K times
+
+    def rows_per_prompt(self, layer: int) -> int:
+        return self.k if self.fanout is not None and layer >= self.fanout else 1
+
+    def widen(self, layer: int, args, kwargs):
+        """Layer pre-hook: from the fan-out layer on, give every batch-sized input K rows per prompt."""
+        if self.fanout is None or layer < self.fanout:
+            return None
+        B = self.valid.shape[0]
+
+        def grow(x):
+            if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == B:
+                if id(x) not in self.widened:  # position embeddings etc. are shared by every layer
+                    self.widened[id(x)] = x.repeat_interleave(self.k, 0)
+                return self.widened[id(x)]
+            if isinstance(x, tuple):
+                return tuple(grow(t) for t in x)
+            return x
+
+        return tuple(grow(a) for a in args), {n: grow(v) for n, v in kwargs.items()}
 
 
 _CLEAN: ContextVar[_CleanStep | None] = ContextVar("roe_clean_step", default=None)
@@ -44,14 +72,15 @@ _CLEAN: ContextVar[_CleanStep | None] = ContextVar("roe_clean_step", default=Non
 class CleanCache(DynamicCache):
     """A transformers cache that stores only the clean sample's keys/values.
 
-    `update` receives the chunk for all B*K rows, appends the clean rows to the
-    history and hands the attention the shared history; it returns the rows'
+    `update` receives the chunk for all rows of the layer, appends the clean rows
+    to the history and hands the attention the shared history; it returns the rows'
     own chunk keys/values, which the clean attention uses for the diagonal.
     """
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         step = _CLEAN.get()
-        shared = super().update(key_states[:: step.k], value_states[:: step.k], layer_idx, *args, **kwargs)
+        k = step.rows_per_prompt(layer_idx)
+        shared = super().update(key_states[::k], value_states[::k], layer_idx, *args, **kwargs)
         step.shared[layer_idx] = shared
         return key_states, value_states
 
@@ -67,7 +96,7 @@ def cache_bytes(cache) -> int:
 
 def _allowed(step: _CleanStep, kv_len: int, window: int | None, device) -> torch.Tensor:
     """[B, S, kv_len] bool: which shared keys each chunk query may see (strictly earlier, valid, in window)."""
-    key = (kv_len, window)
+    key = ("history", kv_len, window)
     if key not in step.masks:
         T = step.valid.shape[1]
         S = step.chunk
@@ -80,10 +109,32 @@ def _allowed(step: _CleanStep, kv_len: int, window: int | None, device) -> torch
     return step.masks[key]
 
 
+def _fused_mask(step: _CleanStep, k: int, groups: int, kv_len: int, window: int | None, device) -> torch.Tensor:
+    """The mask for one fused attention call with the K*G queries of a prompt folded together.
+
+    k == 1 (a prompt's single clean row, any chunk length): [B, 1, G*S, kv_len], the causal mask.
+    k > 1 (one decode position): [B, 1, K*G, kv_len + K], the strictly earlier clean history, then
+    each sample's own key, appended after the history.
+    """
+    key = ("fused", k, groups, kv_len, window)
+    if key not in step.masks:
+        B, S = step.valid.shape[0], step.chunk
+        history = _allowed(step, kv_len, window, device)  # [B, S, kv_len]
+        if k == 1:
+            history = history.clone()
+            history[:, :, kv_len - S :] |= torch.eye(S, dtype=torch.bool, device=device)
+            mask = history.repeat(1, groups, 1)
+        else:
+            own = torch.eye(k, dtype=torch.bool, device=device).repeat_interleave(groups, 0)  # [K*G, K]
+            mask = torch.cat([history.expand(B, k * groups, kv_len), own.expand(B, k * groups, k)], dim=-1)
+        step.masks[key] = mask[:, None]
+    return step.masks[key]
+
+
 def clean_cache_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, s_aux=None, **kwargs
 ):
-    """Attention for B*K rows over one shared clean history.
+    """Attention for K rows per prompt over one shared clean history.
 
     query [B*K, Hq, S, D]; key/value: the rows' own chunk [B*K, Hkv, S, D].
     Returns [B*K, S, Hq, Dv] like every transformers attention function.
@@ -91,7 +142,7 @@ def clean_cache_attention(
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("RoE's clean-cache attention does not support attention logit soft-capping")
     step = _CLEAN.get()
-    k = step.k
+    k = step.rows_per_prompt(module.layer_idx)
     shared_k, shared_v = step.shared[module.layer_idx]
     if hasattr(module, "expand_kv"):  # multi-head latent attention stores latents; expand them as the model does
         shared_k, shared_v = module.expand_kv(shared_k, shared_v)
@@ -100,6 +151,27 @@ def clean_cache_attention(
     G = Hq // Hkv
     Dv = value.shape[-1]
     scaling = D**-0.5 if scaling is None else scaling
+    sinks = s_aux if s_aux is not None else getattr(module, "sinks", None)
+
+    if sinks is None and k == 1:  # a prompt's single row: one fused kernel, the G query heads of a KV head folded
+        q = query.reshape(B, Hkv, G * S, D)
+        mask = _fused_mask(step, 1, G, T, sliding_window, query.device)
+        out = F.scaled_dot_product_attention(q, shared_k, shared_v, attn_mask=mask, scale=scaling)
+        return out.view(B, Hq, S, Dv).transpose(1, 2).contiguous(), None  # [B, S, Hq, Dv]
+    if sinks is None and S == 1 and step.fold:  # decode: the K*G queries of a prompt folded, own keys appended
+        q = query.view(B, k, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, k * G, D)
+        keys = torch.cat([shared_k, key.view(B, k, Hkv, D).transpose(1, 2)], dim=2)  # [B, Hkv, T+K, D]
+        values = torch.cat([shared_v, value.view(B, k, Hkv, Dv).transpose(1, 2)], dim=2)
+        mask = _fused_mask(step, k, G, T, sliding_window, query.device)  # [B, 1, K*G, T+K]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)  # [B, Hkv, K*G, Dv]
+        return out.view(B, Hkv, k, G, Dv).transpose(1, 2).reshape(N, 1, Hq, Dv), None
+    if sinks is None and S == 1:  # unoptimised, for the benchmark's before/after row: K copies of the history
+        keys = torch.cat([shared_k.repeat_interleave(k, 0), key], dim=2)  # [B*K, Hkv, T+1, D]
+        values = torch.cat([shared_v.repeat_interleave(k, 0), value], dim=2)
+        history = _allowed(step, T, sliding_window, query.device).repeat_interleave(k, 0)  # [B*K, 1, T]
+        mask = torch.cat([history, history.new_ones(N, 1, 1)], dim=-1)[:, None]  # [B*K, 1, 1, T+1]
+        out = F.scaled_dot_product_attention(query.view(N, Hkv, G, D), keys, values, attn_mask=mask, scale=scaling)
+        return out.reshape(N, 1, Hq, Dv), None
 
     q = query.view(B, k, Hkv, G, S, D).transpose(1, 2)  # [B, Hkv, K, G, S, D]
     scores = torch.matmul(q.reshape(B, Hkv, k * G * S, D), shared_k.transpose(2, 3))  # [B, Hkv, K*G*S, T]
@@ -110,7 +182,6 @@ def clean_cache_attention(
     own_k = key.view(B, k, Hkv, 1, S, D).transpose(1, 2)  # [B, Hkv, K, 1, S, D]
     own = (q * own_k).sum(-1, keepdim=True).float() * scaling  # [B, Hkv, K, G, S, 1]
     parts = [scores, own]
-    sinks = s_aux if s_aux is not None else getattr(module, "sinks", None)
     if sinks is not None:
         parts.append(sinks.float().view(1, Hkv, 1, G, 1, 1).expand(B, Hkv, k, G, S, 1))
     probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1).to(value.dtype)
@@ -157,10 +228,15 @@ class RoEPass:
 
     Noise for (prompt b, position p) is drawn from a generator seeded by
     (seeds[b], p), so a token gets the same noise whether it is generated or scored.
+
+    share_layers and fold_samples switch off two optimisations (shared leading
+    layers; the clean history read once for all samples) for the benchmark's
+    before/after rows; results are the same either way, up to float rounding.
     """
 
     def __init__(self, model, taus: list[float], num_experts: list[int], num_samples: int, cache: str,
-                 seeds: list[int], record_experts: bool = False):
+                 seeds: list[int], record_experts: bool = False, share_layers: bool = True,
+                 fold_samples: bool = True):
         self.model = model
         self.taus = taus
         self.num_experts = num_experts
@@ -168,6 +244,10 @@ class RoEPass:
         self.clean = cache == "clean"
         self.seeds = seeds
         self.record = record_experts
+        self.fold = fold_samples
+        noisy = [layer for (layer, _), tau in zip(find_moe_layers(model), taus) if tau > 0]
+        # clean cache: the decoder layer where a prompt's K samples separate (None: they never do)
+        self.fanout = (noisy[0] if noisy else None) if share_layers else 0
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
         B = len(seeds)
@@ -214,9 +294,11 @@ class RoEPass:
         noise = self._noise(pos, k)
         if noise is None and self.record:
             noise = RoutingNoise([None] * len(self.taus), torch.zeros(1, 1, dtype=torch.bool), record=True)
+        fanout = self.fanout if self.clean and k > 1 else None
+        rows = 1 if self.clean else k  # rows per prompt entering the model
         kwargs = dict(
-            input_ids=ids.repeat_interleave(k, 0),
-            position_ids=pos.repeat_interleave(k, 0),
+            input_ids=ids.repeat_interleave(rows, 0),
+            position_ids=pos.repeat_interleave(rows, 0),
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
@@ -224,7 +306,9 @@ class RoEPass:
         config = self.model.config
         saved_attn = config._attn_implementation
         route_token = ACTIVE.set(noise)
-        clean_token = _CLEAN.set(_CleanStep(k=k, valid=valid, chunk=S)) if self.clean else None
+        step = _CleanStep(k=k, fanout=fanout, valid=valid, chunk=S, fold=self.fold) if self.clean else None
+        clean_token = _CLEAN.set(step) if step else None
+        widen_token = LAYER_INPUTS.set(step.widen if fanout is not None else None)
         try:
             if self.clean:
                 config._attn_implementation = CLEAN_ATTENTION
@@ -234,6 +318,7 @@ class RoEPass:
                 logits = self.model(**kwargs).logits
         finally:
             config._attn_implementation = saved_attn
+            LAYER_INPUTS.reset(widen_token)
             ACTIVE.reset(route_token)
             if clean_token is not None:
                 _CLEAN.reset(clean_token)
@@ -241,4 +326,5 @@ class RoEPass:
             self.chosen.append(noise.chosen)
         self.valid = valid
         self.next_pos = self.next_pos + mask.long().sum(1)
-        return logits.view(B, k, logits.shape[1], -1)
+        logits = logits.view(B, -1, logits.shape[1], logits.shape[2])  # [B, K or 1, S, V]
+        return logits.expand(B, k, *logits.shape[2:])  # no noisy layer: the K samples are one computation

@@ -81,11 +81,13 @@ class RosterOfExperts:
         adapters.unpatch(self.model)
         return self.model
 
-    def new_pass(self, seeds: list[int], record_experts: bool = False) -> RoEPass:
+    def new_pass(self, seeds: list[int], record_experts: bool = False, **engine_options) -> RoEPass:
+        """A batched run for len(seeds) prompts; engine_options switch engine optimisations off (see RoEPass)."""
         if getattr(self.model, "_roe_hooks", None) is None:  # another roster on this model unwrapped it
             adapters.patch(self.model)
         c = self.config
-        return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts)
+        return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts,
+                       **engine_options)
 
     # ---- input checks -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, reserve: int = 0) -> list[int]:
