@@ -62,7 +62,7 @@ def test_bench_json_rows(tmp_path):
     eager = [r for r in rows if r["experts"] == "eager"]
     assert {(r["method"], r["k"]) for r in eager} == {("base", 1), ("roe", 4)}
     assert {r["engine"] for r in rows if r["method"] == "roe" and r["k"] == 4} == {
-        "optimised", "no shared layers", "history copied K times", "neither"}
+        "optimised", "no shared layers", "history copied K times", "transformers' expert dispatch", "none of these"}
     assert all(r["repeats"] == 2 and r["ms_per_token_min"] <= r["ms_per_token"] <= r["ms_per_token_max"] for r in rows)
 
 

@@ -182,3 +182,21 @@ def test_leading_clean_layers_run_once_per_prompt(tiny_path):
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "granitemoe", "qwen2_moe"])
+def test_dense_expert_dispatch_matches_transformers(arch, tiny_path):
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from roe.adapters import ADAPTERS, find_moe_layers
+    from roe.experts import dense_experts_forward, prefers_dense
+
+    model = RosterOfExperts.from_pretrained(tiny_path(arch)).unwrap()
+    layer, _ = find_moe_layers(model)[0]
+    experts = getattr(model.model.layers[layer], ADAPTERS[model.config.model_type].block_attr).experts
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, model.config.hidden_size, generator=g)
+    weights, index = torch.softmax(torch.randn(6, experts.num_experts, generator=g), -1).topk(2, -1)
+    torch.testing.assert_close(dense_experts_forward(experts, hidden, index, weights),
+                               grouped_mm_experts_forward(experts, hidden, index, weights), atol=1e-5, rtol=1e-4)
+    assert prefers_dense(experts, 6)  # tiny experts on a CPU

@@ -54,7 +54,8 @@ class BenchRow:
 ABLATIONS = {
     "no shared layers": dict(share_layers=False),
     "history copied K times": dict(fold_samples=False),
-    "neither": dict(share_layers=False, fold_samples=False),
+    "transformers' expert dispatch": dict(choose_dispatch=False),
+    "none of these": dict(share_layers=False, fold_samples=False, choose_dispatch=False),
 }
 
 
@@ -276,6 +277,7 @@ def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tok
             configs += [("base", 1, None, new_tokens, "optimised", impl)]
             configs += [("roe", k, "clean", new_tokens, "optimised", impl) for k in ks if k > 1]
     configs.append(("base", 1, None, new_tokens, "last", None))  # at the end: drift shows as a gap to the first
+    configs = list(dict.fromkeys(configs))  # e.g. the naive baseline's RoE row when it has the full length
     if warmup:  # kernel selection, allocator growth and clocks settle before anything is timed
         measure(roster, "base", 1, None, prompt, 32)
         measure(roster, "roe", max(ks), caches[0], prompt, 8)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
+from . import experts as expert_dispatch
 from .adapters import ACTIVE, LAYER_INPUTS, RoutingNoise, find_moe_layers
 from .routing import draw_token_noise
 
@@ -229,14 +230,16 @@ class RoEPass:
     Noise for (prompt b, position p) is drawn from a generator seeded by
     (seeds[b], p), so a token gets the same noise whether it is generated or scored.
 
-    share_layers and fold_samples switch off two optimisations (shared leading
-    layers; the clean history read once for all samples) for the benchmark's
-    before/after rows; results are the same either way, up to float rounding.
+    share_layers, fold_samples and choose_dispatch switch off the engine's
+    optimisations (shared leading layers; the clean history read once for all
+    samples; expert dispatch chosen per layer shape, see experts.py) for the
+    benchmark's before/after rows; results are the same either way, up to float
+    rounding.
     """
 
     def __init__(self, model, taus: list[float], num_experts: list[int], num_samples: int, cache: str,
                  seeds: list[int], record_experts: bool = False, share_layers: bool = True,
-                 fold_samples: bool = True):
+                 fold_samples: bool = True, choose_dispatch: bool = True):
         self.model = model
         self.taus = taus
         self.num_experts = num_experts
@@ -245,6 +248,7 @@ class RoEPass:
         self.seeds = seeds
         self.record = record_experts
         self.fold = fold_samples
+        self.choose_dispatch = choose_dispatch
         noisy = [layer for (layer, _), tau in zip(find_moe_layers(model), taus) if tau > 0]
         # clean cache: the decoder layer where a prompt's K samples separate (None: they never do)
         self.fanout = (noisy[0] if noisy else None) if share_layers else 0
@@ -305,11 +309,14 @@ class RoEPass:
         )
         config = self.model.config
         saved_attn = config._attn_implementation
+        saved_experts = getattr(config, "_experts_implementation", None)
         route_token = ACTIVE.set(noise)
         step = _CleanStep(k=k, fanout=fanout, valid=valid, chunk=S, fold=self.fold) if self.clean else None
         clean_token = _CLEAN.set(step) if step else None
         widen_token = LAYER_INPUTS.set(step.widen if fanout is not None else None)
         try:
+            if self.choose_dispatch and saved_experts == "grouped_mm":  # transformers' default; a user's choice stays
+                config._experts_implementation = expert_dispatch.AUTO
             if self.clean:
                 config._attn_implementation = CLEAN_ATTENTION
             else:
@@ -318,6 +325,8 @@ class RoEPass:
                 logits = self.model(**kwargs).logits
         finally:
             config._attn_implementation = saved_attn
+            if saved_experts is not None:
+                config._experts_implementation = saved_experts
             LAYER_INPUTS.reset(widen_token)
             ACTIVE.reset(route_token)
             if clean_token is not None:
