@@ -44,7 +44,7 @@ class _CleanStep:
     fold: bool = True  # read the clean history once for all K samples (False: K copies, for the benchmark)
     shared: dict = field(default_factory=dict)  # layer -> (keys, values) of the clean history + clean chunk
     masks: dict = field(default_factory=dict)  # (kind, kv_len, window) -> bool mask
-    widened: dict = field(default_factory=dict)  # id(tensor) -> the tensor with each row copied K times
+    widened: dict = field(default_factory=dict)  # id(tensor) -> (tensor, tensor with each row copied K times)
 
     def rows_per_prompt(self, layer: int) -> int:
         return self.k if self.fanout is not None and layer >= self.fanout else 1
@@ -57,9 +57,10 @@ class _CleanStep:
 
         def grow(x):
             if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == B:
-                if id(x) not in self.widened:  # position embeddings etc. are shared by every layer
-                    self.widened[id(x)] = x.repeat_interleave(self.k, 0)
-                return self.widened[id(x)]
+                seen = self.widened.get(id(x))  # position embeddings etc. are shared by every layer
+                if seen is None or seen[0] is not x:  # (an id can be reused once its tensor is freed)
+                    seen = self.widened[id(x)] = (x, x.repeat_interleave(self.k, 0))
+                return seen[1]
             if isinstance(x, tuple):
                 return tuple(grow(t) for t in x)
             return x
@@ -312,7 +313,7 @@ class RoEPass:
         saved_experts = getattr(config, "_experts_implementation", None)
         route_token = ACTIVE.set(noise)
         step = _CleanStep(k=k, fanout=fanout, valid=valid, chunk=S, fold=self.fold) if self.clean else None
-        clean_token = _CLEAN.set(step) if step else None
+        clean_token = _CLEAN.set(step) if step is not None else None
         widen_token = LAYER_INPUTS.set(step.widen if fanout is not None else None)
         try:
             if self.choose_dispatch and saved_experts == "grouped_mm":  # transformers' default; a user's choice stays

@@ -38,10 +38,13 @@ def dense_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: tor
                           top_k_weights: torch.Tensor) -> torch.Tensor:
     """Every expert on every row; hidden [N, D], top_k [N, k] -> [N, D], as the model's own experts compute it."""
     up, down = _expert_weights(experts)
-    h = _linear(hidden_states.to(up.dtype)[None], up, getattr(experts, "gate_up_proj_bias" if experts.has_gate
-                else "up_proj_bias", None) if experts.has_bias else None, experts.is_transposed)  # [E, N, 2I]
+    up_bias = down_bias = None
+    if experts.has_bias:
+        up_bias = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
+        down_bias = experts.down_proj_bias
+    h = _linear(hidden_states.to(up.dtype)[None], up, up_bias, experts.is_transposed)  # [E, N, 2I]
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)  # [E, N, I]
-    out = _linear(h, down, experts.down_proj_bias if experts.has_bias else None, experts.is_transposed)  # [E, N, D]
+    out = _linear(h, down, down_bias, experts.is_transposed)  # [E, N, D]
     if experts.has_post_expert_norm:
         out = experts.post_expert_norm(out)
     N, E = hidden_states.shape[0], up.shape[0]
