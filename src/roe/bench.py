@@ -43,7 +43,9 @@ class BenchRow:
     peak_mem_bytes: int
     kv_cache_bytes: int | None
     distinct_experts_per_layer: float | None
-    experts: str | None = None  # transformers' experts implementation (expert dispatch) used for this row
+    # the experts implementation configured on the model for this row; an "optimised" RoE row on top of the default
+    # grouped_mm lets the engine pick the dispatch per layer shape (experts.py)
+    experts: str | None = None
     engine: str = "optimised"  # "optimised", or which engine optimisation this row switches off
     repeats: int = 1
     ms_per_token_min: float | None = None  # spread of the repeats
@@ -210,7 +212,8 @@ def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: 
     device = roster.model.device
     config = roster.model.config
     default = config._experts_implementation
-    config._experts_implementation = experts or default
+    experts = experts or default
+    config._experts_implementation = experts
     try:
         with PeakMemory(device) as mem:
             if method == "base":
@@ -221,11 +224,10 @@ def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: 
                 prefill, decode, kv = run_independent(r, prompt, new_tokens)
             else:
                 prefill, decode, kv = run_naive(r, prompt, new_tokens)
-        used = config._experts_implementation
     finally:
         config._experts_implementation = default
     return BenchRow(method, k, cache, new_tokens, new_tokens / decode, 1000 * decode / new_tokens, 1000 * prefill,
-                    mem.peak, kv if method != "naive" else None, None, used, engine)
+                    mem.peak, kv if method != "naive" else None, None, experts, engine)
 
 
 def _median_row(runs: list[BenchRow]) -> BenchRow:
