@@ -57,7 +57,7 @@ def reference_next_logprobs(roster, tokens, cache):
 
 @pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("cache", ["clean", "full"])
-@pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt (clean cache)
+@pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt
 def test_batched_engine_matches_reference(arch, cache, skip, tiny_path):
     roster = RosterOfExperts.from_pretrained(
         tiny_path(arch), roe=RoEConfig(num_samples=K, tau=TAU, skip_layers=skip, cache=cache, seed=SEED)
@@ -93,7 +93,10 @@ def test_clean_cache_does_not_grow_with_k(tiny_path):
             sizes[cache, k] = run.kv_cache_bytes()
     assert sizes["clean", 1] > 0
     assert sizes["clean", 32] == sizes["clean", 1]
-    assert sizes["full", 32] == 32 * sizes["full", 1]
+    # the full cache keeps one history per sample from the first noisy layer on, one per prompt before it
+    layers, shared = roster.model.config.num_hidden_layers, run.fanout
+    assert shared == 1
+    assert sizes["full", 32] == sizes["full", 1] // layers * (shared + 32 * (layers - shared))
 
 
 def test_same_seed_same_tokens(tiny_path):
@@ -173,7 +176,8 @@ def test_leading_clean_layers_run_once_per_prompt(tiny_path):
     try:
         for config, expected in ((roster.config, [2, 16, 16, 16]),  # layer 0 is clean: shared by the 8 samples
                                  (roster.config.replace(tau=0.0), [2, 2, 2, 2]),  # samples never separate
-                                 (roster.config.replace(cache="full"), [16, 16, 16, 16])):  # own histories
+                                 (roster.config.replace(cache="full"), [2, 16, 16, 16]),  # own histories from layer 1
+                                 (roster.config.replace(cache="full", tau=0.0), [2, 2, 2, 2])):
             run = roster.with_config(**config.to_dict()).new_pass([0, 1])
             run.prefill(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.bool))
             logits = run.forward(torch.tensor([[9], [10]]))

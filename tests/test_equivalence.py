@@ -66,10 +66,12 @@ def test_noise_changes_the_prediction(arch, tiny_path):
     assert roster.score("The cat", " sat") != pytest.approx(base.score("The cat", " sat"), abs=1e-6)
 
 
+@pytest.mark.parametrize("cache", ["clean", "full"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_engine_optimisations_do_not_change_results(arch, tiny_path):
+def test_engine_optimisations_do_not_change_results(arch, cache, tiny_path):
     """Shared leading layers, the folded clean history and the dense expert dispatch change nothing but rounding."""
-    roster = RosterOfExperts.from_pretrained(tiny_path(arch), roe=RoEConfig(num_samples=4, tau=1.0, skip_layers=1))
+    roster = RosterOfExperts.from_pretrained(tiny_path(arch),
+                                             roe=RoEConfig(num_samples=4, tau=1.0, skip_layers=1, cache=cache))
     ids = torch.randint(3, roster.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, :1] = False  # left padding in the batch

@@ -13,14 +13,20 @@ is read once for all K queries and never copied K times.
 cache="full": every sample is an independent noisy run of the whole sequence,
 with its own rows in an ordinary transformers cache (K times the memory).
 
-Shared leading layers (clean cache): every decoder layer before the first noisy
+Shared leading layers (both caches): every decoder layer before the first noisy
 MoE layer computes the same thing for the K samples of a prompt, so the forward
 starts with B rows and each row is copied into its K samples at the entrance of
-that layer. With no noisy layer at all (tau = 0) the K samples never separate.
+that layer; under the full cache those layers also store one history per prompt.
+With no noisy layer at all (tau = 0) the K samples never separate.
+
+A step is prepared on the host (positions, the step's noise in one tensor) and
+sent to the device in one non-blocking copy, so a decode step never waits for the
+device: the host can queue step t+1 while the device still runs step t.
 """
 
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -36,7 +42,7 @@ CLEAN_ATTENTION = "roe_clean"
 
 
 @dataclass
-class _CleanStep:
+class _Step:
     k: int  # samples per prompt
     fanout: int | None  # decoder layer from which a prompt has K rows (before it: one); None: never
     valid: torch.Tensor  # [B, T] bool: every position seen so far, this chunk included
@@ -68,7 +74,7 @@ class _CleanStep:
         return tuple(grow(a) for a in args), {n: grow(v) for n, v in kwargs.items()}
 
 
-_CLEAN: ContextVar[_CleanStep | None] = ContextVar("roe_clean_step", default=None)
+_CLEAN: ContextVar[_Step | None] = ContextVar("roe_clean_step", default=None)  # set under the clean cache
 
 
 class CleanCache(DynamicCache):
@@ -96,7 +102,7 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def _allowed(step: _CleanStep, kv_len: int, window: int | None, device) -> torch.Tensor:
+def _allowed(step: _Step, kv_len: int, window: int | None, device) -> torch.Tensor:
     """[B, S, kv_len] bool: which shared keys each chunk query may see (strictly earlier, valid, in window)."""
     key = ("history", kv_len, window)
     if key not in step.masks:
@@ -111,7 +117,7 @@ def _allowed(step: _CleanStep, kv_len: int, window: int | None, device) -> torch
     return step.masks[key]
 
 
-def _fused_mask(step: _CleanStep, k: int, groups: int, kv_len: int, window: int | None, device) -> torch.Tensor:
+def _fused_mask(step: _Step, k: int, groups: int, kv_len: int, window: int | None, device) -> torch.Tensor:
     """The mask for one fused attention call with the K*G queries of a prompt folded together.
 
     k == 1 (a prompt's single clean row, any chunk length): [B, 1, G*S, kv_len], the causal mask.
@@ -217,7 +223,7 @@ def aggregate(logits: torch.Tensor, how: str) -> torch.Tensor:
     if k == 1:
         return F.log_softmax(logits[:, 0], dim=-1)
     if how == "probs":  # log of the mean probability
-        return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - torch.log(torch.tensor(float(k)))
+        return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(k)
     if how == "logits":
         return F.log_softmax(logits.mean(dim=1), dim=-1)
     if how == "logprobs":  # renormalised geometric mean of the probabilities
@@ -251,14 +257,15 @@ class RoEPass:
         self.fold = fold_samples
         self.choose_dispatch = choose_dispatch
         noisy = [layer for (layer, _), tau in zip(find_moe_layers(model), taus) if tau > 0]
-        # clean cache: the decoder layer where a prompt's K samples separate (None: they never do)
+        # the decoder layer where a prompt's K samples separate (None: they never do)
         self.fanout = (noisy[0] if noisy else None) if share_layers else 0
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
         B = len(seeds)
         self.cache = CleanCache(config=model.config) if self.clean else DynamicCache(config=model.config)
         self.valid = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
-        self.next_pos = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.next_pos = torch.zeros(B, dtype=torch.long)  # on the host: reading it never waits for the device
+        self.noisy_rows: dict[tuple[int, int, int], torch.Tensor] = {}  # (B, K, S) -> [B*K*S, 1] on the device
 
     def kv_cache_bytes(self) -> int:
         return cache_bytes(self.cache)
@@ -271,39 +278,49 @@ class RoEPass:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, S] -> logits [B, K, S, V] for the next token after each position."""
         if mask is None:
-            mask = torch.ones_like(ids, dtype=torch.bool)
+            mask = torch.ones(ids.shape, dtype=torch.bool)
         return self._run(ids, mask, self.k, logits_to_keep=0)
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned memory: the copy is queued, the host does not wait for it
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     def _noise(self, pos: torch.Tensor, k: int) -> RoutingNoise | None:
+        """pos [B, S] on the host -> the step's scaled noise on the device, sample 0 of each prompt clean."""
         noisy = [m for m, t in enumerate(self.taus) if t > 0]
         if k == 1 or not noisy:
             return None
         B, S = pos.shape
-        g = draw_token_noise(self.seeds, pos.cpu(), k - 1, len(self.taus), max(self.num_experts))  # [B,S,K-1,L,E]
-        g = g.permute(3, 0, 2, 1, 4)  # [L, B, K-1, S, E]
+        E = max(self.num_experts)
+        g = draw_token_noise(self.seeds, pos, k - 1, len(self.taus), E)  # [B, S, K-1, L, E]
+        taus = torch.tensor([self.taus[m] for m in noisy])
+        scaled = torch.zeros(len(noisy), B, k, S, E)  # [Ln, B, K, S, E]
+        scaled[:, :, 1:] = g[:, :, :, noisy].permute(3, 0, 2, 1, 4) * taus[:, None, None, None, None]
+        scaled = self._to_device(scaled)  # one copy for every noisy layer
         per_layer: list[torch.Tensor | None] = [None] * len(self.taus)
-        for m in noisy:
-            e = self.num_experts[m]
-            n = torch.zeros(B, k, S, e)
-            n[:, 1:] = g[m, ..., :e] * self.taus[m]
-            per_layer[m] = n.view(B * k * S, e).to(self.device)
-        rows = torch.zeros(B, k, S, 1, dtype=torch.bool)
-        rows[:, 1:] = True
-        return RoutingNoise(per_layer, rows.view(B * k * S, 1).to(self.device), record=self.record)
+        for i, m in enumerate(noisy):
+            per_layer[m] = scaled[i, ..., : self.num_experts[m]].reshape(B * k * S, self.num_experts[m])
+        if (B, k, S) not in self.noisy_rows:
+            rows = torch.ones(B, k, S, 1, dtype=torch.bool)
+            rows[:, 0] = False
+            self.noisy_rows[B, k, S] = rows.view(B * k * S, 1).to(self.device)
+        return RoutingNoise(per_layer, self.noisy_rows[B, k, S], record=self.record)
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, k: int, logits_to_keep: int) -> torch.Tensor:
         B, S = ids.shape
-        ids, mask = ids.to(self.device), mask.to(self.device).bool()
-        pos = (self.next_pos[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)  # [B, S]
-        valid = torch.cat([self.valid, mask], dim=1)  # [B, T]
+        mask = mask.bool()
+        host_mask = mask.cpu()  # the caller's mask, normally on the host already
+        pos = (self.next_pos[:, None] + host_mask.long().cumsum(1) - 1).clamp(min=0)  # [B, S]
+        valid = torch.cat([self.valid, mask.to(self.device)], dim=1)  # [B, T]
         noise = self._noise(pos, k)
         if noise is None and self.record:
             noise = RoutingNoise([None] * len(self.taus), torch.zeros(1, 1, dtype=torch.bool), record=True)
-        fanout = self.fanout if self.clean and k > 1 else None
-        rows = 1 if self.clean else k  # rows per prompt entering the model
+        # every forward enters with one row per prompt; each is copied into its K samples at the fan-out layer
+        fanout = self.fanout if k > 1 else None
         kwargs = dict(
-            input_ids=ids.repeat_interleave(rows, 0),
-            position_ids=pos.repeat_interleave(rows, 0),
+            input_ids=ids.to(self.device),
+            position_ids=self._to_device(pos),
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
@@ -312,16 +329,16 @@ class RoEPass:
         saved_attn = config._attn_implementation
         saved_experts = getattr(config, "_experts_implementation", None)
         route_token = ACTIVE.set(noise)
-        step = _CleanStep(k=k, fanout=fanout, valid=valid, chunk=S, fold=self.fold) if self.clean else None
-        clean_token = _CLEAN.set(step) if step is not None else None
+        step = _Step(k=k, fanout=fanout, valid=valid, chunk=S, fold=self.fold)
+        clean_token = _CLEAN.set(step) if self.clean else None
         widen_token = LAYER_INPUTS.set(step.widen if fanout is not None else None)
         try:
             if self.choose_dispatch and saved_experts == "grouped_mm":  # transformers' default; a user's choice stays
                 config._experts_implementation = expert_dispatch.AUTO
             if self.clean:
                 config._attn_implementation = CLEAN_ATTENTION
-            else:
-                kwargs["attention_mask"] = valid.repeat_interleave(k, 0).long()
+            else:  # the model's own attention; its mask is built for B rows and widened at the fan-out
+                kwargs["attention_mask"] = valid.long()
             with torch.inference_mode():
                 logits = self.model(**kwargs).logits
         finally:
@@ -335,6 +352,6 @@ class RoEPass:
         if noise is not None and noise.chosen is not None:
             self.chosen.append(noise.chosen)
         self.valid = valid
-        self.next_pos = self.next_pos + mask.long().sum(1)
+        self.next_pos = self.next_pos + host_mask.long().sum(1)
         logits = logits.view(B, -1, logits.shape[1], logits.shape[2])  # [B, K or 1, S, V]
         return logits.expand(B, k, *logits.shape[2:])  # no noisy layer: the K samples are one computation
