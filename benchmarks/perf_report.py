@@ -24,16 +24,19 @@ def table(doc):
     base = max((r for r in rows if r["method"] == "base" and r.get("experts") == rows[0].get("experts")),
                key=lambda r: r["tokens_per_s"])
     out = ["| method | K | cache | engine | experts impl | new tokens | tok/s | x base tok/s | ms/token (min-max of repeats) | "
-           "x base latency | prefill ms | peak MiB | peak vs base | KV KiB | distinct experts/layer |", "|" + "---|" * 15]
+           "x base latency | prefill ms | peak MiB | peak vs base | KV KiB | distinct experts/layer | weights read x base |",
+           "|" + "---|" * 16]
     for r in rows:
         kv = "-" if r["kv_cache_bytes"] is None else f"{r['kv_cache_bytes'] / 1024:.0f}"
         de = "-" if r["distinct_experts_per_layer"] is None else f"{r['distinct_experts_per_layer']:.2f}"
+        read = "-" if r.get("weight_bytes_per_token") is None or base.get("weight_bytes_per_token") is None \
+            else f"{r['weight_bytes_per_token'] / base['weight_bytes_per_token']:.2f}"
         spread = f" ({r['ms_per_token_min']:.2f}-{r['ms_per_token_max']:.2f})" if r.get("repeats", 1) > 1 else ""
         engine = r.get("engine", "optimised") if r["method"] == "roe" else "-"
         out.append(f"| {r['method']} | {r['k']} | {r['cache'] or '-'} | {engine} | {r.get('experts') or '-'} | {r['new_tokens']} | "
                    f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} | {r['ms_per_token']:.2f}{spread} | "
                    f"{r['ms_per_token'] / base['ms_per_token']:.2f} | {r['prefill_ms']:.1f} | "
-                   f"{r['peak_mem_bytes'] / 2**20:.0f} | {100 * (r['peak_mem_bytes'] / base['peak_mem_bytes'] - 1):+.1f}% | {kv} | {de} |")
+                   f"{r['peak_mem_bytes'] / 2**20:.0f} | {100 * (r['peak_mem_bytes'] / base['peak_mem_bytes'] - 1):+.1f}% | {kv} | {de} | {read} |")
     return "\n".join(out), base
 
 

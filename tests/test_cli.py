@@ -58,7 +58,17 @@ def test_bench_json_rows(tmp_path):
     assert {r["method"] for r in rows} == {"base", "roe", "independent", "naive"}
     clean = {r["k"]: r["kv_cache_bytes"] for r in rows if r["method"] == "roe" and r["cache"] == "clean" and r["new_tokens"] == 4}
     assert clean[1] == clean[4]
-    assert next(r for r in rows if r["method"] == "roe" and r["k"] == 4)["distinct_experts_per_layer"] > 4
+    roe4 = next(r for r in rows if r["method"] == "roe" and r["k"] == 4 and r["engine"] == "optimised")
+    base = next(r for r in rows if r["method"] == "base")
+    assert base["distinct_experts_per_layer"] == 4  # one row: its top-4, every layer
+    assert roe4["distinct_experts_per_layer"] > 4
+    # noisy rows touch more experts, so a step must read more weights; never more than the whole model
+    from roe.builtin import builtin_path
+    from safetensors.torch import load_file
+    model_bytes = sum(t.numel() * t.element_size() * 2 for t in load_file(builtin_path() / "model.safetensors").values())
+    assert base["weight_bytes_per_token"] < roe4["weight_bytes_per_token"] < model_bytes  # (bf16 file, fp32 model)
+    full = {r["engine"]: r["kv_cache_bytes"] for r in rows if r["method"] == "roe" and r["k"] == 4 and r["cache"] == "full"}
+    assert full["no shared layers"] > full["optimised"]  # layer 0 keeps one history per prompt, not per sample
     eager = [r for r in rows if r["experts"] == "eager"]
     assert {(r["method"], r["k"]) for r in eager} == {("base", 1), ("roe", 4)}
     assert {r["engine"] for r in rows if r["method"] == "roe" and r["k"] == 4} == {

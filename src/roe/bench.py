@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DynamicCache
 
-from .adapters import ACTIVE, RoutingNoise
+from .adapters import ACTIVE, ADAPTERS, RoutingNoise, find_moe_layers
 from .engine import aggregate, cache_bytes
 from .routing import gumbel
 
@@ -43,6 +43,7 @@ class BenchRow:
     peak_mem_bytes: int
     kv_cache_bytes: int | None
     distinct_experts_per_layer: float | None
+    weight_bytes_per_token: float | None = None  # the least a decode step reads (see weight_bytes_per_token)
     # the experts implementation configured on the model for this row; an "optimised" RoE row on top of the default
     # grouped_mm lets the engine pick the dispatch per layer shape (experts.py)
     experts: str | None = None
@@ -195,15 +196,32 @@ def run_naive(roster, prompt, new_tokens):
     return t1 - t0, t2 - t1, 0
 
 
-def distinct_experts(roster, prompt, steps: int = 16) -> float:
-    """Mean number of distinct experts the K rows touch per MoE layer per decode step."""
+def distinct_experts(roster, prompt, steps: int = 16) -> list[float]:
+    """Per MoE layer: the mean number of distinct experts the K rows touch in one decode step."""
     _, _, _, run = run_roe(roster, prompt, steps, record=True)
-    counts = []
+    counts = [[] for _ in roster.taus]
     for forward in run.chosen[1:]:  # decode steps (the first forward is the prompt's last token)
-        for idx in forward:
+        for layer, idx in enumerate(forward):
             if idx is not None:
-                counts.append(len(set(idx.flatten().tolist())))  # rows before the fan-out layer are shared
-    return sum(counts) / len(counts) if counts else float("nan")
+                counts[layer].append(len(set(idx.flatten().tolist())))  # rows before the fan-out layer are shared
+    return [sum(c) / len(c) for c in counts if c]
+
+
+def weight_bytes_per_token(model, experts_per_layer: list[float]) -> float:
+    """The weight bytes one decode step must read at the least: every weight outside the routed experts once,
+    and in each MoE layer the experts some row chose (the input embedding reads one row: left out). On a device
+    whose decode step is bound by memory bandwidth this is the floor of its latency; its ratio to the base
+    model's is the floor of RoE's latency ratio."""
+    block_attr = ADAPTERS[model.config.model_type].block_attr
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    if embed is not model.get_output_embeddings().weight:
+        total -= embed.numel() * embed.element_size()
+    for (layer, router), distinct in zip(find_moe_layers(model), experts_per_layer):
+        experts = getattr(model.model.layers[layer], block_attr).experts
+        expert_bytes = sum(p.numel() * p.element_size() for p in experts.parameters())
+        total += expert_bytes * (distinct / experts.num_experts - 1)
+    return total
 
 
 def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: int, engine: str = "optimised",
@@ -227,7 +245,7 @@ def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: 
     finally:
         config._experts_implementation = default
     return BenchRow(method, k, cache, new_tokens, new_tokens / decode, 1000 * decode / new_tokens, 1000 * prefill,
-                    mem.peak, kv if method != "naive" else None, None, experts, engine)
+                    mem.peak, kv if method != "naive" else None, None, experts=experts, engine=engine)
 
 
 def _median_row(runs: list[BenchRow]) -> BenchRow:
@@ -270,6 +288,8 @@ def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tok
     configs += [("roe", k, cache, new_tokens, "optimised", None) for k in ks for cache in caches]
     if ablations:
         configs += [("roe", k, "clean", new_tokens, name, None) for k in ks if k > 1 for name in ABLATIONS]
+        if "full" in caches:  # the full cache's share of the engine: its leading layers' compute and history
+            configs += [("roe", k, "full", new_tokens, "no shared layers", None) for k in ks if k > 1]
     configs += [("independent", k, "full", new_tokens, "optimised", None) for k in independent_ks]
     for k in naive_ks:
         configs += [("naive", k, None, naive_tokens, "optimised", None),
@@ -292,8 +312,10 @@ def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tok
     rows = [_median_row(runs[c]) for c in configs]
     for c, row in zip(configs, rows):
         method, k, cache, tokens, engine, impl = c
-        if method == "roe" and k > 1 and engine == "optimised":
-            row.distinct_experts_per_layer = distinct_experts(roster.with_config(num_samples=k, cache=cache), prompt)
+        if method in ("base", "roe") and engine in ("optimised", "last"):
+            per_layer = distinct_experts(roster.with_config(num_samples=k, cache=cache or "clean"), prompt)
+            row.distinct_experts_per_layer = sum(per_layer) / len(per_layer)
+            row.weight_bytes_per_token = weight_bytes_per_token(roster.model, per_layer)
     return rows
 
 
@@ -310,14 +332,16 @@ def print_table(rows: list[BenchRow], title: str) -> None:
     base = reference_base(rows)
     table = Table(title=title)
     for col in ("method", "K", "cache", "engine", "experts impl", "tokens", "tok/s", "x base", "ms/token",
-                "prefill ms", "peak MiB", "KV KiB", "experts/layer"):
+                "prefill ms", "peak MiB", "KV KiB", "experts/layer", "weights read"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r.method, str(r.k), r.cache or "-", r.engine if r.method == "roe" else "-", r.experts or "-",
                       str(r.new_tokens), f"{r.tokens_per_s:.1f}",
                       f"{r.tokens_per_s / base.tokens_per_s:.2f}", f"{r.ms_per_token:.2f}", f"{r.prefill_ms:.1f}",
                       f"{r.peak_mem_bytes / 2**20:.0f}", "-" if r.kv_cache_bytes is None else f"{r.kv_cache_bytes / 1024:.0f}",
-                      "-" if r.distinct_experts_per_layer is None else f"{r.distinct_experts_per_layer:.2f}")
+                      "-" if r.distinct_experts_per_layer is None else f"{r.distinct_experts_per_layer:.2f}",
+                      "-" if r.weight_bytes_per_token is None
+                      else f"{r.weight_bytes_per_token / base.weight_bytes_per_token:.2f}x")
     Console(width=160).print(table)
 
 
