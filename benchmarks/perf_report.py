@@ -24,8 +24,8 @@ def table(doc):
     base = max((r for r in rows if r["method"] == "base" and r.get("experts") == rows[0].get("experts")),
                key=lambda r: r["tokens_per_s"])
     out = ["| method | K | cache | engine | experts impl | new tokens | tok/s | x base tok/s | ms/token (min-max of repeats) | "
-           "x base latency | prefill ms | peak MiB | peak vs base | KV KiB | distinct experts/layer | weights read x base |",
-           "|" + "---|" * 16]
+           "x base latency | prefill ms | peak MiB | peak vs base | KV KiB | distinct experts/layer | weights read x base | kernels/step |",
+           "|" + "---|" * 17]
     for r in rows:
         kv = "-" if r["kv_cache_bytes"] is None else f"{r['kv_cache_bytes'] / 1024:.0f}"
         de = "-" if r["distinct_experts_per_layer"] is None else f"{r['distinct_experts_per_layer']:.2f}"
@@ -36,7 +36,7 @@ def table(doc):
         out.append(f"| {r['method']} | {r['k']} | {r['cache'] or '-'} | {engine} | {r.get('experts') or '-'} | {r['new_tokens']} | "
                    f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} | {r['ms_per_token']:.2f}{spread} | "
                    f"{r['ms_per_token'] / base['ms_per_token']:.2f} | {r['prefill_ms']:.1f} | "
-                   f"{r['peak_mem_bytes'] / 2**20:.0f} | {100 * (r['peak_mem_bytes'] / base['peak_mem_bytes'] - 1):+.1f}% | {kv} | {de} | {read} |")
+                   f"{r['peak_mem_bytes'] / 2**20:.0f} | {100 * (r['peak_mem_bytes'] / base['peak_mem_bytes'] - 1):+.1f}% | {kv} | {de} | {read} | {r.get('kernels_per_token') or '-'} |")
     return "\n".join(out), base
 
 
@@ -68,9 +68,8 @@ def plot(docs, path):
 def main(paths):
     docs = [(Path(p).stem.replace("perf-", ""), json.loads(Path(p).read_text())) for p in paths]
     parts = ["# Performance results\n", "Regenerate with `bash benchmarks/run_perf.sh` (CPU) and, on a GPU machine, "
-             "`roe bench --model random-olmoe-1b-7b --device cuda -k 1,8,32,64 --prompt-tokens 64 --new-tokens 128 "
-             "--cache clean,full --independent-k 8 --naive-k 8 --naive-tokens 16 --json benchmarks/results/perf-gpu-....json`, "
-             "then `python benchmarks/perf_report.py benchmarks/results/perf-*.json`.\n",
+             "`bash benchmarks/run_perf_gpu.sh` (a random-weight model with OLMoE-1B-7B's shape, bf16); each ends by "
+             "running `python benchmarks/perf_report.py benchmarks/results/perf-*.json`.\n",
              "![tokens/s and memory against K](perf.png)\n"]
     for name, doc in docs:
         md, base = table(doc)

@@ -61,6 +61,7 @@ def test_bench_json_rows(tmp_path):
     roe4 = next(r for r in rows if r["method"] == "roe" and r["k"] == 4 and r["engine"] == "optimised")
     base = next(r for r in rows if r["method"] == "base")
     assert base["distinct_experts_per_layer"] == 4  # one row: its top-4, every layer
+    assert base["kernels_per_token"] > 0 and roe4["kernels_per_token"] > 0
     assert roe4["distinct_experts_per_layer"] > 4
     # noisy rows touch more experts, so a step must read more weights; never more than the whole model
     from roe.builtin import builtin_path

@@ -204,3 +204,14 @@ def test_dense_expert_dispatch_matches_transformers(arch, tiny_path):
     torch.testing.assert_close(dense_experts_forward(experts, hidden, index, weights),
                                grouped_mm_experts_forward(experts, hidden, index, weights), atol=1e-5, rtol=1e-4)
     assert prefers_dense(experts, 6)  # tiny experts on a CPU
+
+
+@pytest.mark.parametrize("cache", ["clean", "full"])
+def test_decode_step_dispatches_the_same_operations_for_every_k(cache, tiny_path):
+    """K samples are rows of one batch, not a loop: the operations one step dispatches do not grow with K."""
+    from roe.bench import kernels_per_token
+
+    roster = RosterOfExperts.from_pretrained(tiny_path("olmoe"), roe=RoEConfig(tau=0.5, skip_layers=1, cache=cache))
+    prompt = torch.randint(3, roster.model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    counts = {k: kernels_per_token(roster.with_config(num_samples=k), prompt, "roe") for k in (2, 8, 32)}
+    assert counts[2] == counts[8] == counts[32] > kernels_per_token(roster, prompt, "base") // 2

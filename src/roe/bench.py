@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from .adapters import ACTIVE, ADAPTERS, RoutingNoise, find_moe_layers
@@ -44,6 +45,7 @@ class BenchRow:
     kv_cache_bytes: int | None
     distinct_experts_per_layer: float | None
     weight_bytes_per_token: float | None = None  # the least a decode step reads (see weight_bytes_per_token)
+    kernels_per_token: int | None = None  # operations a decode step dispatches (see kernels_per_token)
     # the experts implementation configured on the model for this row; an "optimised" RoE row on top of the default
     # grouped_mm lets the engine pick the dispatch per layer shape (experts.py)
     experts: str | None = None
@@ -207,6 +209,41 @@ def distinct_experts(roster, prompt, steps: int = 16) -> list[float]:
     return [sum(c) / len(c) for c in counts if c]
 
 
+class _KernelCounter(TorchDispatchMode):
+    """Counts the operations that compute something; views and no-op casts (which alias their input) are left out.
+    On a GPU each counted operation is one kernel launch, which is what a small decode step is bound by."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_token(roster, prompt, method: str) -> int:
+    """Operations one greedy decode step dispatches (forward, aggregation, argmax): a count, not a timing, so it
+    is the same on every run and every machine; the base model's count against RoE's is the launch overhead RoE
+    adds on a device where a decode step is bound by kernel launches."""
+    with torch.inference_mode():
+        if method == "base":
+            cache = DynamicCache(config=roster.model.config)
+            roster.model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            with _KernelCounter() as counter:
+                logits = roster.model(prompt[:, -1:], past_key_values=cache, use_cache=True).logits
+                logits[:, -1].argmax(-1, keepdim=True)
+            return counter.count
+        run = roster.new_pass([roster.config.seed])
+        run.prefill(prompt[:, :-1], torch.ones_like(prompt[:, :-1], dtype=torch.bool))
+        run.forward(prompt[:, -1:])
+        with _KernelCounter() as counter:
+            logits = run.forward(prompt[:, -1:])
+            aggregate(logits[:, :, -1], roster.config.aggregate).argmax(-1, keepdim=True)
+        return counter.count
+
+
 def weight_bytes_per_token(model, experts_per_layer: list[float]) -> float:
     """The weight bytes one decode step must read at the least: every weight outside the routed experts once,
     and in each MoE layer the experts some row chose (the input embedding reads one row: left out). On a device
@@ -316,6 +353,8 @@ def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tok
             per_layer = distinct_experts(roster.with_config(num_samples=k, cache=cache or "clean"), prompt)
             row.distinct_experts_per_layer = sum(per_layer) / len(per_layer)
             row.weight_bytes_per_token = weight_bytes_per_token(roster.model, per_layer)
+            row.kernels_per_token = kernels_per_token(roster.with_config(num_samples=k, cache=cache or "clean"),
+                                                      prompt, method)
     return rows
 
 
@@ -332,7 +371,7 @@ def print_table(rows: list[BenchRow], title: str) -> None:
     base = reference_base(rows)
     table = Table(title=title)
     for col in ("method", "K", "cache", "engine", "experts impl", "tokens", "tok/s", "x base", "ms/token",
-                "prefill ms", "peak MiB", "KV KiB", "experts/layer", "weights read"):
+                "prefill ms", "peak MiB", "KV KiB", "experts/layer", "weights read", "kernels"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r.method, str(r.k), r.cache or "-", r.engine if r.method == "roe" else "-", r.experts or "-",
@@ -341,7 +380,8 @@ def print_table(rows: list[BenchRow], title: str) -> None:
                       f"{r.peak_mem_bytes / 2**20:.0f}", "-" if r.kv_cache_bytes is None else f"{r.kv_cache_bytes / 1024:.0f}",
                       "-" if r.distinct_experts_per_layer is None else f"{r.distinct_experts_per_layer:.2f}",
                       "-" if r.weight_bytes_per_token is None
-                      else f"{r.weight_bytes_per_token / base.weight_bytes_per_token:.2f}x")
+                      else f"{r.weight_bytes_per_token / base.weight_bytes_per_token:.2f}x",
+                      "-" if r.kernels_per_token is None else str(r.kernels_per_token))
     Console(width=160).print(table)
 
 

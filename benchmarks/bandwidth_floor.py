@@ -1,0 +1,48 @@
+"""How far each row of a `roe bench` GPU run is from the memory-bandwidth limit of a decode step.
+
+A decode step must read, at the least, every weight outside the routed experts and, in each MoE
+layer, every expert some row chose (`roe.bench.weight_bytes_per_token`). At the device's peak
+bandwidth that is a latency floor; RoE's K rows choose more distinct experts than one row, so its
+floor is higher than the base model's. Rows of older runs that lack the field get it from their
+measured distinct experts per layer (the random OLMoE-1B-7B shape: every MoE layer alike).
+
+    python benchmarks/bandwidth_floor.py benchmarks/results/perf-gpu-h100-random-olmoe-1b-7b.json --tb-per-s 3.35
+"""
+
+import argparse
+import json
+
+from roe import bench
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("json")
+    p.add_argument("--tb-per-s", type=float, default=3.35, help="peak memory bandwidth (H100 SXM: 3.35)")
+    args = p.parse_args()
+    rows = json.load(open(args.json))["rows"]
+    model = None
+    print("| method | K | cache | distinct experts/layer | weights read GB | x base | floor ms | measured ms | x floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base_bytes = None
+    for r in rows:
+        if r["method"] not in ("base", "roe") or r.get("engine", "optimised") != "optimised":
+            continue
+        read = r.get("weight_bytes_per_token")
+        if read is None:
+            if model is None:
+                model, _ = bench.random_olmoe_1b_7b("meta")  # shapes only, no memory
+            top_k = model.config.num_experts_per_tok
+            distinct = r["distinct_experts_per_layer"] or top_k  # one row: its top-k
+            read = bench.weight_bytes_per_token(model, [distinct] * model.config.num_hidden_layers)
+            r["distinct_experts_per_layer"] = distinct
+        if base_bytes is None and r["method"] == "base":
+            base_bytes = read
+        floor_ms = read / (args.tb_per_s * 1e12) * 1e3
+        print(f"| {r['method']} | {r['k']} | {r['cache'] or '-'} | {r['distinct_experts_per_layer']:.1f} | "
+              f"{read / 1e9:.2f} | {read / base_bytes:.2f} | {floor_ms:.2f} | {r['ms_per_token']:.2f} | "
+              f"{r['ms_per_token'] / floor_ms:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
