@@ -5,21 +5,46 @@ layer, every expert some row chose (`roe.bench.weight_bytes_per_token`). At the 
 bandwidth that is a latency floor; RoE's K rows choose more distinct experts than one row, so its
 floor is higher than the base model's. Rows of older runs that lack the field get it from their
 measured distinct experts per layer (the random OLMoE-1B-7B shape: every MoE layer alike).
+`--kernels` also counts the operations one decode step dispatches for that shape (narrow layers on the
+CPU, transformers' grouped_mm expert dispatch as on a GPU): the launch-bound side of the same question.
 
-    python benchmarks/bandwidth_floor.py benchmarks/results/perf-gpu-h100-random-olmoe-1b-7b.json --tb-per-s 3.35
+    python benchmarks/bandwidth_floor.py benchmarks/results/perf-gpu-h100-random-olmoe-1b-7b.json --kernels
 """
 
 import argparse
 import json
 
-from roe import bench
+import torch
+
+from roe import RoEConfig, RosterOfExperts, bench
+
+
+def kernel_counts():
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    shape, tokenizer = bench.random_olmoe_1b_7b("meta")
+    narrow = shape.config.to_dict() | dict(hidden_size=64, intermediate_size=32, vocab_size=764)
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(OlmoeConfig(**narrow)).eval()
+    roster = RosterOfExperts(model, tokenizer, RoEConfig(tau=0.5, skip_layers=1))
+    prompt = torch.randint(4, 764, (1, 64), generator=torch.Generator().manual_seed(0))
+    base = bench.kernels_per_token(roster, prompt, "base")
+    print(f"kernels per decode step, {model.config.num_hidden_layers} layers x {model.config.num_experts} experts: base {base}")
+    for cache in ("clean", "full"):
+        for k in (8, 32):
+            n = bench.kernels_per_token(roster.with_config(num_samples=k, cache=cache), prompt, "roe",
+                                        choose_dispatch=False)
+            print(f"RoE K = {k} {cache}: {n} ({100 * (n / base - 1):+.0f}%)")
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("json")
     p.add_argument("--tb-per-s", type=float, default=3.35, help="peak memory bandwidth (H100 SXM: 3.35)")
+    p.add_argument("--kernels", action="store_true", help="also count kernels per decode step for the OLMoE shape")
     args = p.parse_args()
+    if args.kernels:
+        kernel_counts()
     rows = json.load(open(args.json))["rows"]
     model = None
     print("| method | K | cache | distinct experts/layer | weights read GB | x base | floor ms | measured ms | x floor |")

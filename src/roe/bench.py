@@ -223,7 +223,7 @@ class _KernelCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def kernels_per_token(roster, prompt, method: str) -> int:
+def kernels_per_token(roster, prompt, method: str, **engine_options) -> int:
     """Operations one greedy decode step dispatches (forward, aggregation, argmax): a count, not a timing, so it
     is the same on every run and every machine; the base model's count against RoE's is the launch overhead RoE
     adds on a device where a decode step is bound by kernel launches."""
@@ -235,7 +235,7 @@ def kernels_per_token(roster, prompt, method: str) -> int:
                 logits = roster.model(prompt[:, -1:], past_key_values=cache, use_cache=True).logits
                 logits[:, -1].argmax(-1, keepdim=True)
             return counter.count
-        run = roster.new_pass([roster.config.seed])
+        run = roster.new_pass([roster.config.seed], **engine_options)
         run.prefill(prompt[:, :-1], torch.ones_like(prompt[:, :-1], dtype=torch.bool))
         run.forward(prompt[:, -1:])
         with _KernelCounter() as counter:
