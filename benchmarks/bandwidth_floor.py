@@ -53,18 +53,16 @@ def main():
     for r in rows:
         if r["method"] not in ("base", "roe") or r.get("engine", "optimised") != "optimised":
             continue
-        read = r.get("weight_bytes_per_token")
+        read, distinct = r.get("weight_bytes_per_token"), r["distinct_experts_per_layer"]
         if read is None:
             if model is None:
                 model, _ = bench.random_olmoe_1b_7b("meta")  # shapes only, no memory
-            top_k = model.config.num_experts_per_tok
-            distinct = r["distinct_experts_per_layer"] or top_k  # one row: its top-k
+            distinct = distinct or model.config.num_experts_per_tok  # one row: its top-k
             read = bench.weight_bytes_per_token(model, [distinct] * model.config.num_hidden_layers)
-            r["distinct_experts_per_layer"] = distinct
         if base_bytes is None and r["method"] == "base":
             base_bytes = read
         floor_ms = read / (args.tb_per_s * 1e12) * 1e3
-        print(f"| {r['method']} | {r['k']} | {r['cache'] or '-'} | {r['distinct_experts_per_layer']:.1f} | "
+        print(f"| {r['method']} | {r['k']} | {r['cache'] or '-'} | {distinct:.1f} | "
               f"{read / 1e9:.2f} | {read / base_bytes:.2f} | {floor_ms:.2f} | {r['ms_per_token']:.2f} | "
               f"{r['ms_per_token'] / floor_ms:.0f} |")
 
