@@ -282,6 +282,7 @@ class RoEPass:
         return self._run(ids, mask, self.k, logits_to_keep=0)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor onto the model's device without waiting for the device (a plain copy would sync)."""
         if self.device.type == "cuda":  # pinned memory: the copy is queued, the host does not wait for it
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
@@ -309,17 +310,16 @@ class RoEPass:
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, k: int, logits_to_keep: int) -> torch.Tensor:
         B, S = ids.shape
-        mask = mask.bool()
-        host_mask = mask.cpu()  # the caller's mask, normally on the host already
+        host_mask = mask.bool().cpu()  # the caller's mask, normally on the host already
         pos = (self.next_pos[:, None] + host_mask.long().cumsum(1) - 1).clamp(min=0)  # [B, S]
-        valid = torch.cat([self.valid, mask.to(self.device)], dim=1)  # [B, T]
+        valid = torch.cat([self.valid, self._to_device(host_mask)], dim=1)  # [B, T]
         noise = self._noise(pos, k)
         if noise is None and self.record:
             noise = RoutingNoise([None] * len(self.taus), torch.zeros(1, 1, dtype=torch.bool), record=True)
         # every forward enters with one row per prompt; each is copied into its K samples at the fan-out layer
         fanout = self.fanout if k > 1 else None
         kwargs = dict(
-            input_ids=ids.to(self.device),
+            input_ids=ids if ids.device == self.device else self._to_device(ids.cpu()),
             position_ids=self._to_device(pos),
             past_key_values=self.cache,
             use_cache=True,
