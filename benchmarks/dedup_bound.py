@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from roe import RoEConfig, RosterOfExperts
-from roe.adapters import ADAPTERS, find_moe_layers
+from roe.adapters import find_experts, find_moe_layers
 from roe.bench import run_roe
 
 
@@ -32,8 +32,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     roster = RosterOfExperts.from_pretrained(args.model, roe=RoEConfig(tau=0.5, skip_layers=1))
     model = roster.model
-    layer = next(i for (i, _), tau in zip(find_moe_layers(model), roster.taus) if tau > 0)
-    experts = getattr(model.model.layers[layer], ADAPTERS[model.config.model_type].block_attr).experts
+    layer, experts = next((i, e) for (i, _), e, tau in zip(find_moe_layers(model), find_experts(model), roster.taus)
+                          if tau > 0)
     prompt = torch.randint(4, 700, (1, 64), generator=torch.Generator().manual_seed(0))
     rows = []
     for k in [int(x) for x in args.k.split(",")]:

@@ -192,12 +192,11 @@ def test_leading_clean_layers_run_once_per_prompt(tiny_path):
 def test_dense_expert_dispatch_matches_transformers(arch, tiny_path):
     from transformers.integrations.moe import grouped_mm_experts_forward
 
-    from roe.adapters import ADAPTERS, find_moe_layers
+    from roe.adapters import find_experts
     from roe.experts import dense_experts_forward, prefers_dense
 
     model = RosterOfExperts.from_pretrained(tiny_path(arch)).unwrap()
-    layer, _ = find_moe_layers(model)[0]
-    experts = getattr(model.model.layers[layer], ADAPTERS[model.config.model_type].block_attr).experts
+    experts = find_experts(model)[0]
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(6, model.config.hidden_size, generator=g)
     weights, index = torch.softmax(torch.randn(6, experts.num_experts, generator=g), -1).topk(2, -1)

@@ -111,6 +111,13 @@ def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return routers
 
 
+def find_experts(model: nn.Module) -> list[nn.Module]:
+    """The routed-experts module of every MoE layer, in the order of `find_moe_layers`."""
+    block_attr = ADAPTERS[model.config.model_type].block_attr
+    layers = _decoder_layers(model)
+    return [getattr(layers[i], block_attr).experts for i, _ in find_moe_layers(model)]
+
+
 class RoutingNoise:
     """What a router hook needs during one forward pass.
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from .adapters import ACTIVE, ADAPTERS, RoutingNoise, find_moe_layers
+from .adapters import ACTIVE, RoutingNoise, find_experts
 from .engine import aggregate, cache_bytes
 from .routing import gumbel
 
@@ -249,13 +249,11 @@ def weight_bytes_per_token(model, experts_per_layer: list[float]) -> float:
     and in each MoE layer the experts some row chose (the input embedding reads one row: left out). On a device
     whose decode step is bound by memory bandwidth this is the floor of its latency; its ratio to the base
     model's is the floor of RoE's latency ratio."""
-    block_attr = ADAPTERS[model.config.model_type].block_attr
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.get_input_embeddings().weight
     if embed is not model.get_output_embeddings().weight:
         total -= embed.numel() * embed.element_size()
-    for (layer, router), distinct in zip(find_moe_layers(model), experts_per_layer):
-        experts = getattr(model.model.layers[layer], block_attr).experts
+    for experts, distinct in zip(find_experts(model), experts_per_layer):
         expert_bytes = sum(p.numel() * p.element_size() for p in experts.parameters())
         total += expert_bytes * (distinct / experts.num_experts - 1)
     return total
