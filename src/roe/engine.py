@@ -36,7 +36,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from . import experts as expert_dispatch
 from .adapters import ACTIVE, LAYER_INPUTS, RoutingNoise, find_moe_layers
-from .routing import draw_token_noise
+from .routing import gumbel_noise
 
 CLEAN_ATTENTION = "roe_clean"
 
@@ -293,15 +293,13 @@ class RoEPass:
         if k == 1 or not noisy:
             return None
         B, S = pos.shape
-        E = max(self.num_experts)
-        g = draw_token_noise(self.seeds, pos, k - 1, len(self.taus), E)  # [B, S, K-1, L, E]
-        taus = torch.tensor([self.taus[m] for m in noisy])
-        scaled = torch.zeros(len(noisy), B, k, S, E)  # [Ln, B, K, S, E]
-        scaled[:, :, 1:] = g[:, :, :, noisy].permute(3, 0, 2, 1, 4) * taus[:, None, None, None, None]
-        scaled = self._to_device(scaled)  # one copy for every noisy layer
+        pos = self._to_device(pos)
+        seeds = self._to_device(torch.tensor(self.seeds))[:, None, None]  # [B, 1, 1]
+        sample = torch.arange(k, device=self.device)[None, :, None]  # [1, K, 1]
         per_layer: list[torch.Tensor | None] = [None] * len(self.taus)
-        for i, m in enumerate(noisy):
-            per_layer[m] = scaled[i, ..., : self.num_experts[m]].reshape(B * k * S, self.num_experts[m])
+        for m in noisy:
+            g = gumbel_noise(seeds, pos[:, None, :], sample, m, self.num_experts[m])  # [B, K, S, E]
+            per_layer[m] = (g * self.taus[m]).reshape(B * k * S, self.num_experts[m])
         if (B, k, S) not in self.noisy_rows:
             rows = torch.ones(B, k, S, 1, dtype=torch.bool)
             rows[:, 0] = False

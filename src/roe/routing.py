@@ -17,50 +17,89 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+# Version of the noise layout: which Gumbel draw belongs to which (seed, position, sample, MoE layer, expert).
+# Profiles and benchmark files record it; version 2 is the counter-based hash below (version 1 drew from a
+# host-side torch.Generator per (seed, position)), so the same seed gives other tokens than under version 1.
+NOISE_VERSION = 2
+
 _MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (the golden ratio in 64 bits)
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+SEED_RANGE = (0, 1 << 63)  # seeds are stored as int64 tensors
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
 
 
-def noise_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, prompt, position, ...)."""
-    h = 0
-    for p in parts:
-        h = _splitmix64(h ^ (int(p) & _MASK64))
-    return h & ((1 << 63) - 1)
+def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic on signed integers)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2**64 on CPU and CUDA)."""
+    x = (x ^ _srl(x, 30)) * _signed(_MIX1)
+    x = (x ^ _srl(x, 27)) * _signed(_MIX2)
+    return x ^ _srl(x, 31)
+
+
+def noise_key(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tensor, layer: int) -> torch.Tensor:
+    """A 64-bit key per (seed, position, sample, MoE layer); broadcastable int64 tensors in, int64 out."""
+    h = _mix(seed.long() + _signed(_GAMMA))
+    h = _mix(h ^ position.long())
+    h = _mix(h ^ sample.long())
+    return _mix(h ^ int(layer))
+
+
+def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tensor, layer: int,
+                 num_experts: int) -> torch.Tensor:
+    """Standard Gumbel noise [..., num_experts] (float32) for (seed, position, sample, MoE layer, expert).
+
+    A pure function, computed with integer tensor operations wherever its inputs live (no generator, no host
+    loop): expert e of a key draws splitmix64's e-th output, whose top 24 bits give u in (0, 1), exactly
+    representable in float32. The uniforms are bit-identical on every device; the Gumbel transform
+    -log(-log(u)) runs in float64 and is rounded to float32, so devices agree up to that rounding.
+    `layer` counts MoE layers (0 = the first MoE layer), `sample` the K samples (0 = the clean one, whose
+    noise callers ignore), `position` the token's absolute position, padding not counted.
+    """
+    key = noise_key(seed, position, sample, layer)[..., None]  # [..., 1]
+    counter = torch.arange(1, num_experts + 1, device=key.device, dtype=torch.long) * _signed(_GAMMA)
+    bits = _srl(_mix(key + counter), 40)  # [..., E], 24 uniform bits
+    u = (bits.double() + 0.5) * 2.0**-24
+    return (-torch.log(-torch.log(u))).float()
 
 
 def gumbel(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-    """iid standard Gumbel draws, float32, from an explicit generator."""
+    """iid standard Gumbel draws, float32, from an explicit generator (for statistical tests and references)."""
     u = torch.rand(tuple(shape), generator=generator, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     return -torch.log(-torch.log(u.clamp_(min=tiny)))
 
 
-def draw_token_noise(
-    seeds: Sequence[int], positions: torch.Tensor, num_noisy: int, num_layers: int, num_experts: int
-) -> torch.Tensor:
-    """Gumbel noise for every (prompt, position): [B, S, num_noisy, num_layers, E].
+def _mix_int(x: int) -> int:
+    """`_mix` on a Python integer."""
+    x = (x ^ (x >> 30)) * _MIX1 & _MASK64
+    x = (x ^ (x >> 27)) * _MIX2 & _MASK64
+    return x ^ (x >> 31)
 
-    The draw for prompt b at absolute position p comes from its own generator
-    seeded by (seeds[b], p). Noise is therefore independent across samples,
-    tokens and layers, and identical whether a token is generated step by step,
-    scored teacher-forced, padded, or batched with other requests.
-    """
-    B, S = positions.shape
-    out = torch.empty(B, S, num_noisy, num_layers, num_experts)
-    pos = positions.tolist()
-    g = torch.Generator()
-    for b in range(B):
-        for s in range(S):
-            g.manual_seed(noise_seed(seeds[b], pos[b][s]))
-            out[b, s] = gumbel((num_noisy, num_layers, num_experts), g)
-    return out
+
+def noise_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers, for host-side generators (the sampling draws)."""
+    h = 0
+    for p in parts:
+        h = _mix_int((h ^ (int(p) & _MASK64)) + _GAMMA & _MASK64)
+    return h & ((1 << 63) - 1)
+
+
+def python_gumbel(seed: int, position: int, sample: int, layer: int, expert: int) -> float:
+    """The same draw as `gumbel_noise`, in plain Python integers: an independent reference for tests."""
+    h = _mix_int((seed + _GAMMA) & _MASK64)
+    for part in (position, sample, layer):
+        h = _mix_int(h ^ (part & _MASK64))
+    bits = _mix_int((h + (expert + 1) * _GAMMA) & _MASK64) >> 40
+    u = (bits + 0.5) * 2.0**-24
+    return -math.log(-math.log(u))
 
 
 def layer_taus(tau: float | Sequence[float], skip_layers: int, num_moe_layers: int) -> list[float]:
