@@ -16,12 +16,16 @@ from .routing import layer_taus
 from .score import continuation_logprobs
 
 SCORE_BATCH = 8
+COMPILE_MODES = ("auto", "on", "off")
 
 
 class RosterOfExperts:
     """Wrap an already-loaded transformers MoE model (the weights are shared, never copied)."""
 
-    def __init__(self, model, tokenizer, roe: RoEConfig | None = None):
+    def __init__(self, model, tokenizer, roe: RoEConfig | None = None, compile: str = "auto"):
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        self.compile = compile  # the decode step: "auto" compiles it on CUDA, "on" everywhere, "off" never
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = roe if roe is not None else RoEConfig()
@@ -47,6 +51,7 @@ class RosterOfExperts:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
+        compile: str = "auto",
         **model_kwargs,
     ) -> RosterOfExperts:
         """Load a checkpoint (a local folder, a hub id, or `builtin[:size]`) with safetensors only."""
@@ -70,11 +75,11 @@ class RosterOfExperts:
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **model_kwargs
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, roe)
+        return cls(model, tokenizer, roe, compile=compile)
 
     def with_config(self, **changes) -> RosterOfExperts:
         """The same weights with other RoE settings (no reload)."""
-        return RosterOfExperts(self.model, self.tokenizer, self.config.replace(**changes))
+        return RosterOfExperts(self.model, self.tokenizer, self.config.replace(**changes), compile=self.compile)
 
     def unwrap(self):
         """Remove RoE's hooks from the model and return it, exactly as it was."""
