@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
 from . import adapters
 from .config import RoEConfig
 from .engine import RoEPass
-from .generate import Completion, SamplingParams, decode_steps, stream_text
-from .routing import layer_taus
+from .generate import Completion, SamplingParams, decode_steps, new_text
+from .routing import SEED_RANGE, layer_taus
 from .score import continuation_logprobs
 
 SCORE_BATCH = 8
 COMPILE_MODES = ("auto", "on", "off")
+
+
+class StreamPiece(str):
+    """A piece of streamed text; `index` is the completion it belongs to (0 with one prompt and n = 1)."""
+
+    index: int
+
+    def __new__(cls, text: str, index: int = 0):
+        piece = super().__new__(cls, text)
+        piece.index = index
+        return piece
 
 
 class RosterOfExperts:
@@ -123,33 +135,117 @@ class RosterOfExperts:
         return prompts
 
     # ---- generation ---------------------------------------------------------------------------------
+    def completion_seeds(self, num_prompts: int, seeds: Sequence[int] | None = None, n: int = 1) -> list[int]:
+        """The seed of every completion, prompt-major: completion i of prompt j uses `seeds[j] + i`.
+
+        `seeds` gives one seed per prompt (default: `config.seed` for every prompt); it is the seed of that
+        prompt's first completion, used exactly as given. With n = 1 each prompt runs with its own seed, as
+        before `n` existed. This is the server's derivation of `n` too (its request seed plus the choice index).
+        Seeds must be integers with 0 <= seed < 2**63 (`roe.routing.SEED_RANGE`), the derived ones included.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
+        if seeds is None:
+            base = [self.config.seed] * num_prompts
+            what = "config.seed"
+        else:
+            if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+                raise TypeError(f"seeds must be a list with one integer per prompt, got {type(seeds).__name__}"
+                                + (" (for one prompt, write seeds=[s])" if isinstance(seeds, int) else ""))
+            base = list(seeds)
+            if len(base) != num_prompts:
+                raise ValueError(f"{len(base)} seeds for {num_prompts} prompt(s): give exactly one seed per prompt "
+                                 "(it seeds the prompt's first completion; completion i uses seed + i)")
+            what = "seed"
+        lo, hi = SEED_RANGE
+        out = []
+        for s in base:
+            if isinstance(s, bool):
+                raise TypeError(f"a {what} must be an integer, got {s!r}")
+            try:
+                s = operator.index(s)
+            except TypeError:
+                raise TypeError(f"a {what} must be an integer, got {s!r} ({type(s).__name__})") from None
+            if not lo <= s < hi:
+                raise ValueError(f"{what} {s} is out of range: seeds must satisfy 0 <= seed < 2**63")
+            if s + n - 1 >= hi:
+                raise ValueError(f"{what} {s} with n = {n}: completion i uses seed + i, and {s} + {n - 1} is not "
+                                 "below 2**63; choose a smaller seed")
+            out += [s + i for i in range(n)]
+        return out
+
     def generate_completions(
         self, prompts: str | Sequence[str], max_new_tokens: int = 64, do_sample: bool = False,
         temperature: float = 1.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
-        seeds: Sequence[int] | None = None,
+        seeds: Sequence[int] | None = None, n: int = 1,
     ) -> list[Completion]:
-        """Like `generate`, with token ids, counts and finish reasons. `seeds`: one per prompt (default: config.seed)."""
+        """Like `generate`, with token ids, counts and finish reasons (same arguments, same order of results)."""
         params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, stop)
         prompts = self._as_list(prompts, "prompts")
+        all_seeds = self.completion_seeds(len(prompts), seeds, n)
         ids = [self.encode_prompt(p, max_new_tokens) for p in prompts]
-        seeds = list(seeds) if seeds is not None else [self.config.seed] * len(ids)
+        ids = [x for x in ids for _ in range(n)]
         outs: list[Completion] = []
-        for outs in decode_steps(self, ids, params, seeds):
+        for outs in decode_steps(self, ids, params, all_seeds):
             pass
         return outs
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None) -> list[str]:
-        """One string per prompt: the generated text only, without the prompt."""
-        outs = self.generate_completions(prompts, max_new_tokens, do_sample, temperature, top_p, stop)
+                 temperature: float = 1.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None, n: int = 1) -> list[str]:
+        """The generated text only (without the prompt): n strings per prompt, prompt-major, so the completions
+        of prompt j are `out[j * n : (j + 1) * n]` (one string per prompt with the default n = 1).
+
+        Seeds. One seed fixes both the routing noise and the sampling draws of a completion: the same prompt
+        with the same seed gives the same tokens, alone or batched (exactly in float32; in 16-bit, rounding near
+        a tie can flip a token, as it does for plain transformers batched against alone). `seeds` gives one seed
+        per prompt (default: `config.seed` for all), so `generate([p] * 4, do_sample=True)` returns four equal
+        strings; for several samples of a prompt ask for `n`: completion i of a prompt with seed s uses seed
+        s + i (as the server's `n` does), and n = 1 is exactly the single completion of seed s. `seeds` and `n`
+        combine: `seeds` is then each prompt's first seed. Seeds must satisfy 0 <= seed < 2**63.
+        The routing noise at a position depends on (seed, position) only, not on the prompt: prompts that use
+        the same seed share the noise at each position; give them distinct seeds for independent noise.
+        """
+        outs = self.generate_completions(prompts, max_new_tokens, do_sample, temperature, top_p, stop, seeds, n)
         return [o.text for o in outs]
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-               top_p: float = 1.0, stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
-        """Yield text pieces of one completion as they are decoded."""
+    def stream(self, prompt: str | Sequence[str], max_new_tokens: int = 64, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
+               seed: int | None = None, seeds: Sequence[int] | None = None, n: int = 1) -> Iterator[StreamPiece]:
+        """Yield text pieces as they are decoded (stop strings never leak out).
+
+        Each piece is a `str` with an `index` attribute: the completion it belongs to, numbered as `generate`
+        orders its results (completion i of prompt j has index j * n + i). With one prompt and n = 1 every
+        piece has index 0, and joining the pieces gives `generate`'s string. With several completions, pieces
+        of different completions interleave in decoding order.
+        `seed`: the seed of every prompt (default `config.seed`); `seeds`: one per prompt instead (give one of
+        the two). Seeds, `n` and batching behave as in `generate`, whose docstring says what a seed fixes.
+        """
         params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, stop)
-        ids = self.encode_prompt(prompt, max_new_tokens)
-        yield from stream_text(self, ids, params, self.config.seed if seed is None else seed)
+        prompts = self._as_list(prompt, "prompts")
+        if seed is not None:
+            if seeds is not None:
+                raise ValueError("give seed (one for every prompt) or seeds (one per prompt), not both")
+            seeds = [seed] * len(prompts)
+        all_seeds = self.completion_seeds(len(prompts), seeds, n)
+        ids = [self.encode_prompt(p, max_new_tokens) for p in prompts]
+        ids = [x for x in ids for _ in range(n)]
+        return self._stream(ids, params, all_seeds)
+
+    def _stream(self, ids: list[list[int]], params: SamplingParams, seeds: list[int]) -> Iterator[StreamPiece]:
+        sent = [0] * len(ids)
+        done = [False] * len(ids)
+        for outs in decode_steps(self, ids, params, seeds):
+            for i, out in enumerate(outs):
+                if done[i]:
+                    continue
+                piece = new_text(out, sent[i], params.stop)
+                if piece:
+                    yield StreamPiece(piece, i)
+                    sent[i] += len(piece)
+                done[i] = out.finish_reason is not None
+            if all(done):
+                return
 
     # ---- scoring ------------------------------------------------------------------------------------
     def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
