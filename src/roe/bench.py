@@ -392,7 +392,7 @@ def print_table(rows: list[BenchRow], title: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .cli import load_roster
+    from .options import load_roster
     from .roster import RosterOfExperts
 
     ks = [int(k) for k in args.k.split(",")] if args.k else [1, 8, 32, 64]
@@ -428,7 +428,7 @@ def cmd_bench(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_roe_options
+    from .options import add_roe_options
 
     p = sub.add_parser("bench", help="latency, throughput and memory of RoE against the base model")
     add_roe_options(p, k_list=True, cache_list=True)

@@ -1,80 +1,49 @@
-"""The `roe` command."""
+"""The `roe` command.
+
+Each subcommand's module is imported only when that subcommand runs: `roe --help` imports none of them and
+`roe bench ...` imports only `roe.bench` (so bench runs on a machine with PyTorch and transformers but without the
+server's FastAPI/pydantic, Optuna or matplotlib). The options the subcommands share live in `roe.options`;
+no module imports this one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from .options import add_roe_options  # noqa: E402  (light: argparse only)
 
-def parse_tau(text: str):
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tau must be a number or a comma-separated list of numbers, got {text!r}")
-    return values[0] if len(values) == 1 else values
-
-
-def add_roe_options(p: argparse.ArgumentParser, k_list: bool = False, cache_list: bool = False) -> None:
-    """The RoE settings every command shares; unset ones fall back to --profile, then to the model's default."""
-    p.add_argument("--model", default="builtin", help="checkpoint folder, hub id, or builtin[:s|m|l] (default: builtin)")
-    p.add_argument("--profile", help="a tuned RoE profile JSON (from `roe tune`)")
-    if k_list:
-        p.add_argument("-k", "--num-samples", dest="k", help="comma-separated K values, e.g. 1,8,32")
-    else:
-        p.add_argument("-k", "--num-samples", dest="k", type=int, help="K, the number of routing samples (>= 1)")
-    p.add_argument("--tau", type=parse_tau, help="one tau, or one per MoE layer separated by commas")
-    p.add_argument("--skip-layers", type=int, help="MoE layers kept clean at each end when tau is one number")
-    p.add_argument("--aggregate", choices=["probs", "logits", "logprobs"])
-    if cache_list:
-        p.add_argument("--cache", dest="caches", default="clean,full", help="comma-separated cache modes to compare")
-        p.set_defaults(cache=None)
-    else:
-        p.add_argument("--cache", choices=["clean", "full"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
-
-
-def roe_config(args, base=None, k=None):
-    """The RoEConfig the flags describe, on top of a profile or the model's shipped default."""
-    from .config import RoEConfig
-
-    if getattr(args, "profile", None):
-        base = RoEConfig.from_profile(args.profile)
-    base = base or RoEConfig()
-    changes = {
-        name: value
-        for name, value in (
-            ("num_samples", k if k is not None else (args.k if isinstance(args.k, int) else None)),
-            ("tau", args.tau),
-            ("skip_layers", args.skip_layers),
-            ("aggregate", args.aggregate),
-            ("cache", args.cache),
-            ("seed", args.seed),
-        )
-        if value is not None
-    }
-    return base.replace(**changes)
-
-
-def load_roster(args, k=None):
-    from .builtin import resolve_model
-    from .roster import RosterOfExperts
-
-    _, default = resolve_model(args.model)
-    cfg = roe_config(args, default, k)
-    return RosterOfExperts.from_pretrained(args.model, roe=cfg, device=args.device, trust_remote_code=args.trust_remote_code)
+# subcommand -> (the module, in this package, whose add_parser(sub) defines it; None: defined here), one-line help
+COMMANDS = {
+    "generate": (None, "generate text with RoE"),
+    "export-tasks": (None, "write the built-in task suite as JSONL (GSM8K format for math) and text"),
+    "demo": ("demo", "RoE against the base and a larger model on the built-in tasks"),
+    "train-builtin": ("train", "train a built-in model size on the task suite"),
+    "eval": ("evaluate", "evaluate base (K=1) against RoE on a task"),
+    "tune": ("tune", "search the per-layer tau vector (Optuna TPE) on the validation split"),
+    "bench": ("bench", "latency, throughput and memory of RoE against the base model"),
+    "serve": ("server", "OpenAI-compatible HTTP server"),
+}
 
 
 def cmd_generate(args) -> int:
+    from .options import load_roster
+
+    if args.n < 1:
+        raise ValueError(f"-n must be at least 1, got {args.n}")
     roster = load_roster(args)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, stop=args.stop or None)
     if args.do_sample:
         kw.update(temperature=args.temperature, top_p=args.top_p)
-    if sys.stdout.isatty() and not args.no_stream:
+    if args.n > 1:  # n completions of the one prompt, each with its own seed
+        for i, text in enumerate(roster.generate(args.prompt, n=args.n, **kw)):
+            print(f"--- completion {i + 1} of {args.n} ---")
+            print(text)
+    elif sys.stdout.isatty() and not args.no_stream:
         for piece in roster.stream(args.prompt, **kw):
             print(piece, end="", flush=True)
         print()
@@ -91,13 +60,11 @@ def cmd_export_tasks(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="roe", description="Roster of Experts: hyper-parallel inference for MoE models")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="generate text with RoE")
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help=COMMANDS["generate"][1])
     g.add_argument("prompt")
     add_roe_options(g)
+    g.add_argument("-n", type=int, default=1, help="completions of the prompt, each with its own seed (default: 1)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -106,27 +73,63 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the whole text at the end even in a terminal")
     g.set_defaults(func=cmd_generate)
 
-    x = sub.add_parser("export-tasks", help="write the built-in task suite as JSONL (GSM8K format for math) and text")
+
+def _add_export_tasks(sub) -> None:
+    x = sub.add_parser("export-tasks", help=COMMANDS["export-tasks"][1])
     x.add_argument("--out", required=True)
     x.add_argument("-n", type=int, default=500, help="items per task and split")
     x.add_argument("--seed", type=int, default=0)
     x.set_defaults(func=cmd_export_tasks)
 
-    from . import bench, demo, evaluate, server, train, tune
 
-    for module in (demo, train, evaluate, tune, bench, server):
-        module.add_parser(sub)
+LOCAL = {"generate": _add_generate, "export-tasks": _add_export_tasks}
+
+
+def _command_in(argv) -> str | None:
+    """The subcommand argv names (the first word that is not an option), if it is one of ours."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `roe` parser with `command`'s full subparser (its module imported); the other subcommands are listed
+    with their help only. command=None: every subcommand in full (imports all their modules)."""
+    parser = argparse.ArgumentParser(prog="roe", description="Roster of Experts: hyper-parallel inference for MoE models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help, add_help=False)  # a placeholder: never parsed (argv names `command`)
+        elif module is None:
+            LOCAL[name](sub)
+        else:
+            try:
+                mod = importlib.import_module(f".{module}", __package__)
+            except ModuleNotFoundError as e:
+                parser.error(f"`roe {name}` needs the Python package {e.name!r}, which is not installed")
+            mod.add_parser(sub)
     return parser
 
 
+def _top_parser() -> argparse.ArgumentParser:
+    """`roe` without a known subcommand: every subcommand listed, none imported."""
+    return build_parser(command="")
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    parser = build_parser(command) if command else _top_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        print(f"error: `roe {args.command}` needs the Python package {e.name!r}, which is not installed", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -171,7 +171,7 @@ def cmd_eval(args) -> int:
     from rich.table import Table
     from tqdm import tqdm
 
-    from .cli import load_roster
+    from .options import load_roster
 
     ks = [int(k) for k in (args.k or "1,8").split(",")]
     if any(k < 1 for k in ks):
@@ -202,7 +202,7 @@ def cmd_eval(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_roe_options
+    from .options import add_roe_options
 
     p = sub.add_parser("eval", help="evaluate base (K=1) against RoE on a task")
     add_roe_options(p, k_list=True)

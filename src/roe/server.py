@@ -370,7 +370,7 @@ def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .cli import load_roster
+    from .options import load_roster
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     roster = load_roster(args)
@@ -384,7 +384,7 @@ def cmd_serve(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_roe_options
+    from .options import add_roe_options
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_roe_options(p)

@@ -84,7 +84,7 @@ def cmd_tune(args) -> int:
     import transformers
     from tqdm import tqdm
 
-    from .cli import load_roster
+    from .options import load_roster
 
     roster = load_roster(args)
     n = len(roster.routers)
@@ -147,7 +147,7 @@ def cmd_tune(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_roe_options
+    from .options import add_roe_options
 
     p = sub.add_parser("tune", help="search the per-layer tau vector (Optuna TPE) on the validation split")
     add_roe_options(p)
