@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from roe import RoEConfig, RosterOfExperts
 from roe.adapters import ACTIVE, RoutingNoise
 from roe.engine import aggregate
-from roe.routing import draw_token_noise
+from roe.routing import python_gumbel
 
 K, TAU, SEED = 4, 0.8, 5
 
@@ -37,7 +37,9 @@ def _forward_with_noise(model, per_layer, rows, **kw):
 def reference_next_logprobs(roster, tokens, cache):
     """Next-token log-probs after `tokens`, one sample at a time, with explicit caches and no batching."""
     model, n = roster.model, len(tokens)
-    g = draw_token_noise([SEED], torch.arange(n)[None], K - 1, len(roster.taus), max(roster.num_experts))[0]
+    L, E = len(roster.taus), max(roster.num_experts)  # the noise from its plain-Python reference: [n, K-1, L, E]
+    g = torch.tensor([[[[python_gumbel(SEED, p, k, m, e) for e in range(E)] for m in range(L)] for k in range(1, K)]
+                      for p in range(n)])
     ids = torch.tensor([tokens])
     if cache == "clean":
         history = DynamicCache(config=model.config)

@@ -11,8 +11,8 @@ RoE pass the hooks return nothing, so the model behaves exactly as before;
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 
@@ -118,23 +118,51 @@ def find_experts(model: nn.Module) -> list[nn.Module]:
     return [getattr(layers[i], block_attr).experts for i, _ in find_moe_layers(model)]
 
 
-class RoutingNoise:
-    """What a router hook needs during one forward pass.
+class ThreadSlot:
+    """A per-thread value with ContextVar's get/set/reset.
 
-    noise: [L, T, E] tau-scaled Gumbel noise per MoE layer, zero on clean rows (None: layer is clean)
+    torch.compile traces reads of a threading.local but not ContextVar.get, and the compiled decode
+    step reads these slots from inside the graph; a thread-local keeps concurrent threads apart.
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self):
+        return getattr(self._local, "value", None)
+
+    def set(self, value):
+        token = self.get()
+        self._local.value = value
+        return token
+
+    def reset(self, token) -> None:
+        self._local.value = token
+
+
+class RoutingNoise:
+    """Explicit noise for one forward pass (references and benchmarks; the engine computes its own).
+
+    noise: per MoE layer, tau-scaled Gumbel noise [T, E] with zeros on clean rows (None: the layer is clean)
     noisy_rows: [T, 1] bool, True where the token belongs to a noisy sample
+    Anything set in ACTIVE offers the same three members: noisy (MoE layers with noise), noise_for(layer,
+    num_experts) -> [T, E], noisy_rows; and chosen (None, or a list the hook fills with each layer's choice).
     """
 
     def __init__(self, noise: list[torch.Tensor | None], noisy_rows: torch.Tensor, record: bool = False):
         self.noise = noise
+        self.noisy = frozenset(i for i, n in enumerate(noise) if n is not None)
         self.noisy_rows = noisy_rows
         self.chosen: list[torch.Tensor | None] | None = [None] * len(noise) if record else None
 
+    def noise_for(self, layer: int, num_experts: int) -> torch.Tensor:
+        return self.noise[layer]
 
-ACTIVE: ContextVar[RoutingNoise | None] = ContextVar("roe_routing", default=None)
+
+ACTIVE = ThreadSlot()  # the routing state of the forward pass running on this thread (None: plain model)
 
 # (decoder-layer index, args, kwargs) -> (args, kwargs) or None; set by the engine during a forward
-LAYER_INPUTS: ContextVar[Callable | None] = ContextVar("roe_layer_inputs", default=None)
+LAYER_INPUTS = ThreadSlot()
 
 
 def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
@@ -142,10 +170,9 @@ def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
     if state is None:
         return None
     logits, weights, idx = output
-    noise = state.noise[layer]
-    if noise is not None:
+    if layer in state.noisy:
         flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
-        noisy_w, noisy_idx = select(router, flat, noise.to(flat.device))
+        noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device))
         rows = state.noisy_rows.to(flat.device)
         weights = torch.where(rows, noisy_w.to(weights.dtype), weights)
         idx = torch.where(rows, noisy_idx.to(idx.dtype), idx)

@@ -19,15 +19,18 @@ starts with B rows and each row is copied into its K samples at the entrance of
 that layer; under the full cache those layers also store one history per prompt.
 With no noisy layer at all (tau = 0) the K samples never separate.
 
-A step is prepared on the host (positions, the step's noise in one tensor) and
-sent to the device in one non-blocking copy, so a decode step never waits for the
-device: the host can queue step t+1 while the device still runs step t.
+The decode step is static (gpt-fast style): the clean cache is preallocated
+([B, H, capacity, D] per layer, written at a slot index held on the device), the
+positions, the valid-slot mask and the next slot live on the device and are
+advanced in place, and the routing noise is a pure function of (seed, position,
+sample, layer, expert) computed inside the step (routing.gumbel_noise). Nothing
+in a step reads a device value back to the host, so the step compiles as one
+graph (torch.compile fullgraph) and, on CUDA, replays as CUDA graphs.
 """
 
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -35,25 +38,65 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 from . import experts as expert_dispatch
-from .adapters import ACTIVE, LAYER_INPUTS, RoutingNoise, find_moe_layers
+from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, find_moe_layers
 from .routing import gumbel_noise
 
 CLEAN_ATTENTION = "roe_clean"
+CAPACITY_STEP = 128  # cache capacities are multiples of this, so one compiled step serves many prompt lengths
 
 
-@dataclass
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@dataclass(eq=False)
 class _Step:
-    k: int  # samples per prompt
+    """What the router hooks, the layer pre-hooks, the cache and the attention read during one forward.
+
+    B prompts x K samples x S chunk positions; at a noisy layer, row b*K*S + k*S + s is sample k of
+    prompt b at chunk position s.
+    """
+
+    k: int  # samples per prompt in this forward
     fanout: int | None  # decoder layer from which a prompt has K rows (before it: one); None: never
-    valid: torch.Tensor  # [B, T] bool: every position seen so far, this chunk included
-    chunk: int  # S, the chunk length
+    noisy: frozenset  # MoE layers that perturb their routing in this forward
+    taus: torch.Tensor  # [L] float32: the tau of every MoE layer (values, so a new tau compiles nothing)
+    seeds: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B, S] int64: absolute position of each chunk token
+    slots: torch.Tensor  # [S] int64: the cache slots this chunk writes (the same for every prompt)
+    valid: torch.Tensor  # [B, kv_len] bool: slots that hold real tokens, this chunk's included
+    windows: tuple  # per decoder layer: its sliding window, or None
+    cache: CleanCache | None = None
     fold: bool = True  # read the clean history once for all K samples (False: K copies, for the benchmark)
-    shared: dict = field(default_factory=dict)  # layer -> (keys, values) of the clean history + clean chunk
-    masks: dict = field(default_factory=dict)  # (kind, kv_len, window) -> bool mask
-    widened: dict = field(default_factory=dict)  # id(tensor) -> (tensor, tensor with each row copied K times)
+    chosen: list | None = None  # per MoE layer [rows, top_k], when recording (eager only)
+    memo: dict = field(default_factory=dict)  # eager only: masks and widened inputs that every layer shares
+
+    def remember(self, key, make):
+        """make() once per forward in eager mode; under torch.compile the graph shares the computation itself."""
+        if _compiling():
+            return make()
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
     def rows_per_prompt(self, layer: int) -> int:
         return self.k if self.fanout is not None and layer >= self.fanout else 1
+
+    @property
+    def noisy_rows(self) -> torch.Tensor:
+        """[B*K*S, 1] bool: True on the rows of noisy samples."""
+        def make():
+            B, S = self.positions.shape
+            sample = torch.arange(self.k, device=self.positions.device) > 0
+            return sample[None, :, None].expand(B, self.k, S).reshape(-1, 1)
+        return self.remember("noisy_rows", make)
+
+    def noise_for(self, layer: int, num_experts: int) -> torch.Tensor:
+        """The tau-scaled Gumbel noise of MoE layer `layer` for every row: [B*K*S, E] (clean rows ignore theirs)."""
+        B, S = self.positions.shape
+        sample = torch.arange(self.k, device=self.positions.device)[None, :, None]  # [1, K, 1]
+        g = gumbel_noise(self.seeds[:, None, None], self.positions[:, None, :], sample, layer, num_experts)
+        return (g * self.taus[layer]).reshape(B * self.k * S, num_experts)  # [B*K*S, E]
 
     def widen(self, layer: int, args, kwargs):
         """Layer pre-hook: from the fan-out layer on, give every batch-sized input K rows per prompt."""
@@ -63,9 +106,11 @@ class _Step:
 
         def grow(x):
             if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == B:
-                seen = self.widened.get(id(x))  # position embeddings etc. are shared by every layer
+                if _compiling():
+                    return x.repeat_interleave(self.k, 0)
+                seen = self.memo.get(("widen", id(x)))  # position embeddings etc. are shared by every layer
                 if seen is None or seen[0] is not x:  # (an id can be reused once its tensor is freed)
-                    seen = self.widened[id(x)] = (x, x.repeat_interleave(self.k, 0))
+                    seen = self.memo[("widen", id(x))] = (x, x.repeat_interleave(self.k, 0))
                 return seen[1]
             if isinstance(x, tuple):
                 return tuple(grow(t) for t in x)
@@ -74,26 +119,69 @@ class _Step:
         return tuple(grow(a) for a in args), {n: grow(v) for n, v in kwargs.items()}
 
 
-_CLEAN: ContextVar[_Step | None] = ContextVar("roe_clean_step", default=None)  # set under the clean cache
+_CLEAN = ThreadSlot()  # the _Step of the clean-cache forward running on this thread
 
 
-class CleanCache(DynamicCache):
-    """A transformers cache that stores only the clean sample's keys/values.
+class CleanCache:
+    """The clean sample's keys/values, preallocated per layer as [B, H, capacity, D].
 
-    `update` receives the chunk for all rows of the layer, appends the clean rows
-    to the history and hands the attention the shared history; it returns the rows'
-    own chunk keys/values, which the clean attention uses for the diagonal.
+    The attention modules call `update` with the chunk of every row of their layer; the clean rows are
+    written at the step's slots (one per chunk position, the same for every prompt: left padding is masked
+    by the valid-slot mask) and the rows' own chunk keys/values are handed back, which the clean attention
+    uses for the diagonal. Not a transformers StaticCache: that one stores every row it is given, and the
+    way it learns its write position (`cache_position`) differs across transformers 5.x releases.
     """
+
+    is_compileable = True
+
+    def __init__(self, capacity: int, static_addresses: bool):
+        self.capacity = capacity
+        self.length = 0  # slots written so far (host-side bookkeeping; the step itself reads `slots`)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.static_addresses = static_addresses  # CUDA graphs: buffers keep their address across replays
+
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        buf = like.new_zeros(like.shape[0], *like.shape[1:-2], self.capacity, like.shape[-1])
+        if self.static_addresses:
+            torch._dynamo.mark_static_address(buf)
+        return buf
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         step = _CLEAN.get()
         k = step.rows_per_prompt(layer_idx)
-        shared = super().update(key_states[::k], value_states[::k], layer_idx, *args, **kwargs)
-        step.shared[layer_idx] = shared
+        if layer_idx not in self.keys:
+            self.keys[layer_idx] = self._buffer(key_states[::k])
+            self.values[layer_idx] = self._buffer(value_states[::k])
+        self.keys[layer_idx].index_copy_(2, step.slots, key_states[::k])
+        self.values[layer_idx].index_copy_(2, step.slots, value_states[::k])
         return key_states, value_states
+
+    def history(self, layer_idx: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer_idx][:, :, :kv_len], self.values[layer_idx][:, :, :kv_len]
+
+    def grow(self, capacity: int) -> None:
+        for store in (self.keys, self.values):
+            for i, old in store.items():
+                new = old.new_zeros(*old.shape[:-2], capacity, old.shape[-1])
+                new[..., : self.capacity, :] = old
+                if self.static_addresses:
+                    torch._dynamo.mark_static_address(new)
+                store[i] = new
+        self.capacity = capacity
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def stored_bytes(self) -> int:
+        """Bytes of the slots written so far (the buffers hold `capacity` slots)."""
+        return sum(t[..., : self.length, :].numel() * t.element_size() for s in (self.keys, self.values)
+                   for t in s.values())
 
 
 def cache_bytes(cache) -> int:
+    if isinstance(cache, CleanCache):
+        return cache.stored_bytes()
     total = 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -102,41 +190,54 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def _allowed(step: _Step, kv_len: int, window: int | None, device) -> torch.Tensor:
-    """[B, S, kv_len] bool: which shared keys each chunk query may see (strictly earlier, valid, in window)."""
-    key = ("history", kv_len, window)
-    if key not in step.masks:
-        T = step.valid.shape[1]
-        S = step.chunk
-        q = torch.arange(T - S, T, device=device)[:, None]  # absolute index of each query
-        kv = torch.arange(T - kv_len, T, device=device)[None, :]  # absolute index of each shared key
+def sliding_windows(config) -> tuple:
+    """Each decoder layer's sliding window (None: full attention), read from the config.
+
+    Some models pass their window to the attention function (Mixtral, GPT-OSS); others apply it only
+    through the mask they build (Qwen2-MoE's `layer_types`), which the clean cache does not use.
+    """
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or None  # Qwen2-MoE stores 0 when it is switched off
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return (None,) * n
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return (window,) * n
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _allowed(step: _Step, window: int | None) -> torch.Tensor:
+    """[B, S, kv_len] bool: which cached keys each chunk query may see (strictly earlier, valid, in window)."""
+    def make():
+        kv_len = step.valid.shape[1]
+        q = step.slots[:, None]  # [S, 1] slot of each query
+        kv = torch.arange(kv_len, device=q.device)[None, :]  # [1, kv_len]
         ok = kv < q
         if window is not None:
             ok = ok & (q - kv < window)
-        step.masks[key] = ok[None] & step.valid[:, T - kv_len :].to(device)[:, None, :]
-    return step.masks[key]
+        return ok[None] & step.valid[:, None, :]
+    return step.remember(("history", window), make)
 
 
-def _fused_mask(step: _Step, k: int, groups: int, kv_len: int, window: int | None, device) -> torch.Tensor:
+def _fused_mask(step: _Step, k: int, groups: int, window: int | None) -> torch.Tensor:
     """The mask for one fused attention call with the K*G queries of a prompt folded together.
 
-    k == 1 (a prompt's single clean row, any chunk length): [B, 1, G*S, kv_len], the causal mask.
+    k == 1 (a prompt's single clean row, any chunk length): [B, 1, G*S, kv_len], the causal mask (the
+    row's own key is the clean key in the cache, at its own slot).
     k > 1 (one decode position): [B, 1, K*G, kv_len + K], the strictly earlier clean history, then
     each sample's own key, appended after the history.
     """
-    key = ("fused", k, groups, kv_len, window)
-    if key not in step.masks:
-        B, S = step.valid.shape[0], step.chunk
-        history = _allowed(step, kv_len, window, device)  # [B, S, kv_len]
+    def make():
+        B, kv_len = step.valid.shape
+        history = _allowed(step, window)  # [B, S, kv_len]
         if k == 1:
-            history = history.clone()
-            history[:, :, kv_len - S :] |= torch.eye(S, dtype=torch.bool, device=device)
-            mask = history.repeat(1, groups, 1)
+            own = step.slots[:, None] == torch.arange(kv_len, device=history.device)[None, :]  # [S, kv_len]
+            mask = (history | own[None]).repeat(1, groups, 1)
         else:
-            own = torch.eye(k, dtype=torch.bool, device=device).repeat_interleave(groups, 0)  # [K*G, K]
+            own = torch.eye(k, dtype=torch.bool, device=history.device).repeat_interleave(groups, 0)  # [K*G, K]
             mask = torch.cat([history.expand(B, k * groups, kv_len), own.expand(B, k * groups, k)], dim=-1)
-        step.masks[key] = mask[:, None]
-    return step.masks[key]
+        return mask[:, None]
+    return step.remember(("fused", k, groups, window), make)
 
 
 def clean_cache_attention(
@@ -150,8 +251,10 @@ def clean_cache_attention(
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("RoE's clean-cache attention does not support attention logit soft-capping")
     step = _CLEAN.get()
-    k = step.rows_per_prompt(module.layer_idx)
-    shared_k, shared_v = step.shared[module.layer_idx]
+    layer = module.layer_idx
+    k = step.rows_per_prompt(layer)
+    window = sliding_window if sliding_window is not None else step.windows[layer]
+    shared_k, shared_v = step.cache.history(layer, step.valid.shape[1])
     if hasattr(module, "expand_kv"):  # multi-head latent attention stores latents; expand them as the model does
         shared_k, shared_v = module.expand_kv(shared_k, shared_v)
     N, Hq, S, D = query.shape
@@ -163,20 +266,22 @@ def clean_cache_attention(
 
     if sinks is None and k == 1:  # a prompt's single row: one fused kernel, the G query heads of a KV head folded
         q = query.reshape(B, Hkv, G * S, D)
-        mask = _fused_mask(step, 1, G, T, sliding_window, query.device)
+        mask = _fused_mask(step, 1, G, window)
         out = F.scaled_dot_product_attention(q, shared_k, shared_v, attn_mask=mask, scale=scaling)
         return out.view(B, Hq, S, Dv).transpose(1, 2).contiguous(), None  # [B, S, Hq, Dv]
-    if sinks is None and S == 1 and step.fold:  # decode: the K*G queries of a prompt folded, own keys appended
+    if sinks is None and S == 1 and step.fold and not _compiling():
+        # eager decode: the K*G queries of a prompt folded into one SDPA call, own keys appended (fastest on
+        # a CPU); the compiled step takes the general path below, which never copies the history
         q = query.view(B, k, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, k * G, D)
         keys = torch.cat([shared_k, key.view(B, k, Hkv, D).transpose(1, 2)], dim=2)  # [B, Hkv, T+K, D]
         values = torch.cat([shared_v, value.view(B, k, Hkv, Dv).transpose(1, 2)], dim=2)
-        mask = _fused_mask(step, k, G, T, sliding_window, query.device)  # [B, 1, K*G, T+K]
+        mask = _fused_mask(step, k, G, window)  # [B, 1, K*G, T+K]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)  # [B, Hkv, K*G, Dv]
         return out.view(B, Hkv, k, G, Dv).transpose(1, 2).reshape(N, 1, Hq, Dv), None
-    if sinks is None and S == 1:  # unoptimised, for the benchmark's before/after row: K copies of the history
+    if sinks is None and S == 1 and not step.fold:  # unoptimised, for the benchmark's before/after row
         keys = torch.cat([shared_k.repeat_interleave(k, 0), key], dim=2)  # [B*K, Hkv, T+1, D]
         values = torch.cat([shared_v.repeat_interleave(k, 0), value], dim=2)
-        history = _allowed(step, T, sliding_window, query.device).repeat_interleave(k, 0)  # [B*K, 1, T]
+        history = _allowed(step, window).repeat_interleave(k, 0)  # [B*K, 1, T]
         mask = torch.cat([history, history.new_ones(N, 1, 1)], dim=-1)[:, None]  # [B*K, 1, 1, T+1]
         out = F.scaled_dot_product_attention(query.view(N, Hkv, G, D), keys, values, attn_mask=mask, scale=scaling)
         return out.reshape(N, 1, Hq, Dv), None
@@ -184,7 +289,7 @@ def clean_cache_attention(
     q = query.view(B, k, Hkv, G, S, D).transpose(1, 2)  # [B, Hkv, K, G, S, D]
     scores = torch.matmul(q.reshape(B, Hkv, k * G * S, D), shared_k.transpose(2, 3))  # [B, Hkv, K*G*S, T]
     scores = scores.view(B, Hkv, k, G, S, T).float() * scaling
-    allowed = _allowed(step, T, sliding_window, query.device)  # [B, S, T]
+    allowed = _allowed(step, window)  # [B, S, T]
     scores = scores.masked_fill(~allowed[:, None, None, None], float("-inf"))
 
     own_k = key.view(B, k, Hkv, 1, S, D).transpose(1, 2)  # [B, Hkv, K, 1, S, D]
@@ -232,40 +337,54 @@ def aggregate(logits: torch.Tensor, how: str) -> torch.Tensor:
 
 
 class RoEPass:
-    """One batched RoE run over B sequences: `prefill` the history, then `forward` chunks.
+    """One batched RoE run over B sequences: `prefill` the history, then `decode` tokens or `forward` chunks.
 
-    Noise for (prompt b, position p) is drawn from a generator seeded by
-    (seeds[b], p), so a token gets the same noise whether it is generated or scored.
+    The noise of (prompt b, position p, sample k, MoE layer m) is routing.gumbel_noise(seeds[b], p, k, m),
+    so a token gets the same noise whether it is generated or scored, alone or batched.
 
-    share_layers, fold_samples and choose_dispatch switch off the engine's
-    optimisations (shared leading layers; the clean history read once for all
-    samples; expert dispatch chosen per layer shape, see experts.py) for the
-    benchmark's before/after rows; results are the same either way, up to float
-    rounding.
+    capacity: cache slots to preallocate (prompt width + new tokens; rounded up to CAPACITY_STEP); a longer
+    run grows the buffers. compile: None (eager), or a torch.compile backend ("inductor"; "eager" only
+    traces) for the decode step of the clean cache; on CUDA it runs as CUDA graphs.
+    share_layers, fold_samples and choose_dispatch switch off the engine's optimisations (shared leading
+    layers; the clean history read once for all samples; expert dispatch chosen per layer shape, see
+    experts.py) for the benchmark's before/after rows; results are the same either way, up to float rounding.
     """
 
     def __init__(self, model, taus: list[float], num_experts: list[int], num_samples: int, cache: str,
                  seeds: list[int], record_experts: bool = False, share_layers: bool = True,
-                 fold_samples: bool = True, choose_dispatch: bool = True):
+                 fold_samples: bool = True, choose_dispatch: bool = True, aggregate: str = "probs",
+                 capacity: int | None = None, compile: str | None = None):
         self.model = model
         self.taus = taus
         self.num_experts = num_experts
         self.k = num_samples
         self.clean = cache == "clean"
-        self.seeds = seeds
+        self.how = aggregate
         self.record = record_experts
         self.fold = fold_samples
         self.choose_dispatch = choose_dispatch
         noisy = [layer for (layer, _), tau in zip(find_moe_layers(model), taus) if tau > 0]
         # the decoder layer where a prompt's K samples separate (None: they never do)
         self.fanout = (noisy[0] if noisy else None) if share_layers else 0
+        self.noisy = frozenset(m for m, t in enumerate(taus) if t > 0)
+        self.windows = sliding_windows(model.config)
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
+        self.compile = compile if self.clean and not record_experts else None
         B = len(seeds)
-        self.cache = CleanCache(config=model.config) if self.clean else DynamicCache(config=model.config)
-        self.valid = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
-        self.next_pos = torch.zeros(B, dtype=torch.long)  # on the host: reading it never waits for the device
-        self.noisy_rows: dict[tuple[int, int, int], torch.Tensor] = {}  # (B, K, S) -> [B*K*S, 1] on the device
+        self.capacity = _round_up(capacity or 1)
+        cuda_graphs = self.compile is not None and self.device.type == "cuda"
+        self.cache = CleanCache(self.capacity, cuda_graphs) if self.clean else DynamicCache(config=model.config)
+        self.length = 0  # slots used so far, the same for every prompt (host-side: never read from the device)
+        # per-pass state on the device, advanced in place by every step
+        self.seeds = self._to_device(torch.tensor(seeds, dtype=torch.long))  # [B]
+        self.tau_values = self._to_device(torch.tensor(taus, dtype=torch.float32))  # [L]
+        self.valid = torch.zeros(B, self.capacity, dtype=torch.bool, device=self.device)  # [B, capacity]
+        self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)  # [B, 1] position of the next token
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # [1] the next slot, for the static step
+        if cuda_graphs:
+            for t in (self.valid, self.next_pos, self.slot):
+                torch._dynamo.mark_static_address(t)
 
     def kv_cache_bytes(self) -> int:
         return cache_bytes(self.cache)
@@ -276,80 +395,123 @@ class RoEPass:
             self._run(ids, mask, 1 if self.clean else self.k, logits_to_keep=1)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, S] -> logits [B, K, S, V] for the next token after each position."""
+        """ids [B, S] -> logits [B, K, S, V] for the next token after each position (eager)."""
         if mask is None:
             mask = torch.ones(ids.shape, dtype=torch.bool)
         return self._run(ids, mask, self.k, logits_to_keep=0)
 
+    def decode(self, ids: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per prompt, ids [B, 1]; alive [B] bool marks the prompts still generating (the others'
+        rows run on, masked out). Returns the aggregated log-probs of the next token [B, V], float32."""
+        B = ids.shape[0]
+        alive = torch.ones(B, dtype=torch.bool) if alive is None else alive.reshape(B)
+        if self.compile is None or not self.cache.keys or self.length + 1 > self.capacity:
+            return aggregate(self._run(ids, alive[:, None], self.k, logits_to_keep=0)[:, :, -1], self.how)
+        ids, alive = self._to_device(ids.contiguous()), self._to_device(alive.bool())  # fixed strides: one graph
+        step = self._step(self.k, self.next_pos, self.slot, self.valid)
+        out = self._call(step, compiled_decode(self.compile, self.device.type), self, ids, alive)
+        self.length += 1
+        self.cache.length = self.length
+        return out
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor onto the model's device without waiting for the device (a plain copy would sync)."""
-        if self.device.type == "cuda":  # pinned memory: the copy is queued, the host does not wait for it
+        if t.device == self.device:
+            return t
+        if self.device.type == "cuda" and t.device.type == "cpu":  # pinned: the copy is queued, the host goes on
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _noise(self, pos: torch.Tensor, k: int) -> RoutingNoise | None:
-        """pos [B, S] on the host -> the step's scaled noise on the device, sample 0 of each prompt clean."""
-        noisy = [m for m, t in enumerate(self.taus) if t > 0]
-        if k == 1 or not noisy:
-            return None
-        B, S = pos.shape
-        pos = self._to_device(pos)
-        seeds = self._to_device(torch.tensor(self.seeds))[:, None, None]  # [B, 1, 1]
-        sample = torch.arange(k, device=self.device)[None, :, None]  # [1, K, 1]
-        per_layer: list[torch.Tensor | None] = [None] * len(self.taus)
-        for m in noisy:
-            g = gumbel_noise(seeds, pos[:, None, :], sample, m, self.num_experts[m])  # [B, K, S, E]
-            per_layer[m] = (g * self.taus[m]).reshape(B * k * S, self.num_experts[m])
-        if (B, k, S) not in self.noisy_rows:
-            rows = torch.ones(B, k, S, 1, dtype=torch.bool)
-            rows[:, 0] = False
-            self.noisy_rows[B, k, S] = rows.view(B * k * S, 1).to(self.device)
-        return RoutingNoise(per_layer, self.noisy_rows[B, k, S], record=self.record)
+    def _step(self, k: int, positions, slots, valid) -> _Step:
+        record = [None] * len(self.taus) if self.record else None
+        return _Step(k=k, fanout=self.fanout if k > 1 else None, noisy=self.noisy if k > 1 else frozenset(),
+                     taus=self.tau_values, seeds=self.seeds, positions=positions, slots=slots, valid=valid,
+                     windows=self.windows, cache=self.cache if self.clean else None, fold=self.fold, chosen=record)
+
+    def _reserve(self, slots: int) -> None:
+        if slots <= self.capacity:
+            return
+        capacity = _round_up(max(slots, 2 * self.capacity))
+        self.valid = F.pad(self.valid, (0, capacity - self.capacity))
+        if self.clean:
+            self.cache.grow(capacity)
+        self.capacity = capacity
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, k: int, logits_to_keep: int) -> torch.Tensor:
+        """An eager forward of a chunk ids [B, S] (mask: its real tokens) -> logits [B, K or 1 expanded to K, S', V]."""
         B, S = ids.shape
-        host_mask = mask.bool().cpu()  # the caller's mask, normally on the host already
-        pos = (self.next_pos[:, None] + host_mask.long().cumsum(1) - 1).clamp(min=0)  # [B, S]
-        valid = torch.cat([self.valid, self._to_device(host_mask)], dim=1)  # [B, T]
-        noise = self._noise(pos, k)
-        if noise is None and self.record:
-            noise = RoutingNoise([None] * len(self.taus), torch.zeros(1, 1, dtype=torch.bool), record=True)
-        # every forward enters with one row per prompt; each is copied into its K samples at the fan-out layer
-        fanout = self.fanout if k > 1 else None
-        kwargs = dict(
-            input_ids=ids if ids.device == self.device else self._to_device(ids.cpu()),
-            position_ids=self._to_device(pos),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
+        ids, mask = self._to_device(ids), self._to_device(mask.bool())
+        self._reserve(self.length + S)
+        start, end = self.length, self.length + S
+        with torch.inference_mode():
+            self.valid[:, start:end] = mask
+            positions = (self.next_pos + mask.long().cumsum(1) - 1).clamp(min=0)  # [B, S]
+            slots = torch.arange(start, end, device=self.device)
+            step = self._step(k, positions, slots, self.valid[:, :end])
+            kwargs = dict(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                          logits_to_keep=logits_to_keep)
+            if not self.clean:  # the model's own attention; its mask is built for B rows and widened at the fan-out
+                kwargs["attention_mask"] = self.valid[:, :end].long()
+            logits = self._call(step, lambda: self.model(**kwargs).logits)
+            self.next_pos += mask.long().sum(1, keepdim=True)
+            self.slot.fill_(end)
+        self.length = end
+        if self.clean:
+            self.cache.length = end
+        if step.chosen is not None:
+            self.chosen.append(step.chosen)
+        logits = logits.view(B, -1, logits.shape[1], logits.shape[2])  # [B, K or 1, S, V]
+        return logits.expand(B, k, *logits.shape[2:])  # no noisy layer: the K samples are one computation
+
+    def _call(self, step: _Step, fn, *args):
+        """Run fn(*args) with the hooks, the attention and the expert dispatch of this step in place."""
         config = self.model.config
         saved_attn = config._attn_implementation
         saved_experts = getattr(config, "_experts_implementation", None)
-        route_token = ACTIVE.set(noise)
-        step = _Step(k=k, fanout=fanout, valid=valid, chunk=S, fold=self.fold)
-        clean_token = _CLEAN.set(step) if self.clean else None
-        widen_token = LAYER_INPUTS.set(step.widen if fanout is not None else None)
+        route_token = ACTIVE.set(step)
+        widen_token = LAYER_INPUTS.set(step.widen)
+        clean_token = _CLEAN.set(step)
         try:
             if self.choose_dispatch and saved_experts == "grouped_mm":  # transformers' default; a user's choice stays
                 config._experts_implementation = expert_dispatch.AUTO
             if self.clean:
                 config._attn_implementation = CLEAN_ATTENTION
-            else:  # the model's own attention; its mask is built for B rows and widened at the fan-out
-                kwargs["attention_mask"] = valid.long()
             with torch.inference_mode():
-                logits = self.model(**kwargs).logits
+                return fn(*args)
         finally:
             config._attn_implementation = saved_attn
             if saved_experts is not None:
                 config._experts_implementation = saved_experts
+            _CLEAN.reset(clean_token)
             LAYER_INPUTS.reset(widen_token)
             ACTIVE.reset(route_token)
-            if clean_token is not None:
-                _CLEAN.reset(clean_token)
-        if noise is not None and noise.chosen is not None:
-            self.chosen.append(noise.chosen)
-        self.valid = valid
-        self.next_pos = self.next_pos + host_mask.long().sum(1)
-        logits = logits.view(B, -1, logits.shape[1], logits.shape[2])  # [B, K or 1, S, V]
-        return logits.expand(B, k, *logits.shape[2:])  # no noisy layer: the K samples are one computation
+
+
+def _round_up(n: int) -> int:
+    return -(-n // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def decode_step(run: RoEPass, ids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """The static decode step: ids [B, 1], alive [B] (device) -> aggregated log-probs [B, V].
+
+    Shapes are fixed for a pass (B, K, capacity); every per-step quantity (the slot, the positions, the
+    valid-slot mask) is a device tensor advanced in place, so the step compiles as one graph without breaks.
+    """
+    run.valid.index_copy_(1, run.slot, alive[:, None])
+    logits = run.model(input_ids=ids, position_ids=run.next_pos, past_key_values=run.cache, use_cache=True).logits
+    run.next_pos.add_(alive[:, None].long())
+    run.slot.add_(1)
+    B = ids.shape[0]
+    return aggregate(logits.view(B, -1, logits.shape[-1]), run.how)  # [B*K or B, 1, V] -> [B, V]
+
+
+_COMPILED: dict[tuple[str, str], object] = {}
+
+
+def compiled_decode(backend: str, device_type: str):
+    """`decode_step` compiled once per (backend, device type); torch.compile keeps one graph per shape."""
+    key = (backend, device_type)
+    if key not in _COMPILED:
+        options = dict(mode="reduce-overhead") if backend == "inductor" and device_type == "cuda" else {}
+        _COMPILED[key] = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False, **options)
+    return _COMPILED[key]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import RoEPass, aggregate, pad_batch
+from .engine import pad_batch
 from .routing import noise_seed
 
 _SAMPLING_STREAM = 0x5A3D1E  # keeps the sampling generator's seed apart from the routing noise seeds
@@ -78,12 +78,11 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]) -> Iterator[list[Completion]]:
     """Run the loop for B prompts; yields the completions after every step (text updated, finished ones marked)."""
-    cfg = roster.config
     B = len(prompt_ids)
     pad = roster.pad_token_id
     ids, mask = pad_batch(prompt_ids, max(len(p) for p in prompt_ids), pad, left=True)
 
-    run = roster.new_pass(seeds)
+    run = roster.new_pass(seeds, capacity=ids.shape[1] + params.max_new_tokens)
     run.prefill(ids[:, :-1], mask[:, :-1])
     current = ids[:, -1:]  # the last prompt token is the first noisy step (clean cache: noise only on the current token)
     generators = [torch.Generator().manual_seed(noise_seed(s, _SAMPLING_STREAM)) for s in seeds]
@@ -91,8 +90,8 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
     alive = torch.ones(B, dtype=torch.bool)
     eos = roster.eos_token_ids
     for _ in range(params.max_new_tokens):
-        logits = run.forward(current, alive[:, None])  # [B, K, 1, V]
-        nxt = choose_next(aggregate(logits[:, :, -1], cfg.aggregate), params, generators).cpu()
+        logprobs = run.decode(current, alive)  # [B, V], aggregated over the K samples
+        nxt = choose_next(logprobs, params, generators).cpu()
         for b in range(B):
             if not alive[b]:
                 continue
