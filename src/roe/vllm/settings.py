@@ -1,0 +1,72 @@
+"""The `roe` key of a vLLM deployment's hf config: which architectures, and the settings' validation.
+
+Only torch-free, vLLM-free code here: the settings are checked with the project's own RoEConfig, so the
+errors read the same as the engine's, prefixed with `roe:`.
+"""
+
+from __future__ import annotations
+
+from ..config import RoEConfig
+
+# vLLM architecture name -> (vLLM module under vllm.model_executor.models, class): RoE runs there
+SUPPORTED: dict[str, tuple[str, str]] = {
+    "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
+}
+
+_PORT = "is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"
+_DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"
+# architectures that refuse to start with `roe` set (they run unchanged without it): the MoE families the
+# project's engine supports whose vLLM router is not ported, and common dense models
+GUARDED: dict[str, tuple[str, str, str]] = {
+    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM", _PORT + " (attention sinks and sliding windows)"),
+    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM", _PORT + " (grouped sigmoid router, MLA)"),
+    "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM", _PORT + " (grouped sigmoid router)"),
+    "Dots1ForCausalLM": ("dots1", "Dots1ForCausalLM", _PORT + " (grouped sigmoid router)"),
+    "Ernie4_5_MoeForCausalLM": ("ernie45_moe", "Ernie4_5_MoeForCausalLM", _PORT + " (biased router)"),
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM", _DENSE),
+    "MistralForCausalLM": ("mistral", "MistralForCausalLM", _DENSE),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM", _DENSE),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM", _DENSE),
+    "GraniteForCausalLM": ("granite", "GraniteForCausalLM", _DENSE),
+    "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM", _DENSE),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM", _DENSE),
+    "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM", _DENSE),
+}
+
+FIELDS = ("num_samples", "tau", "skip_layers", "aggregate", "cache", "seed", "profile")
+
+
+class RoESettingsError(ValueError):
+    """A `roe` setting vLLM cannot start with; the message is one line starting with `roe:`."""
+
+
+def settings_from_hf_config(hf_config) -> RoEConfig | None:
+    """The deployment's RoEConfig from `hf_config.roe` (None: no `roe` key, the plugin stays out of the way)."""
+    raw = getattr(hf_config, "roe", None)
+    if raw is None:
+        return None
+    if isinstance(raw, RoEConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise RoESettingsError(f"roe: expected a JSON object of RoE settings, got {raw!r}")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise RoESettingsError(
+            f"roe: unknown field(s) {', '.join(map(repr, unknown))}; the known fields are {', '.join(FIELDS)}"
+        )
+    fields = dict(raw)
+    profile = fields.pop("profile", None)
+    try:
+        cfg = RoEConfig.from_profile(profile, **fields) if profile is not None else RoEConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise RoESettingsError(f"roe: {e}") from None
+    if cfg.cache != "clean":
+        raise RoESettingsError(
+            "roe: cache='full' is not available in vLLM: the plugin implements the clean cache (only the clean "
+            "sample's keys/values go to vLLM's paged cache); use cache='clean'"
+        )
+    return cfg
