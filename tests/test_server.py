@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback."""
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -11,6 +12,7 @@ import pytest
 import uvicorn
 
 from roe import RoEConfig, RosterOfExperts
+from roe.score import continuation_logprobs
 from roe.server import Limits, create_app
 
 KEY = "test-key"
@@ -24,6 +26,7 @@ def _free_port():
 
 class _Server:
     def __init__(self, app):
+        self.app = app
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -94,10 +97,107 @@ def test_seed_reproducible_and_n(client):
     assert stopped.text == a[: a.find(a[4:6])] and stopped.finish_reason == "stop"
 
 
-def _post(server, path, body=None, content=None, key=KEY):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+# ---- OpenAI conformance: token-id prompts, logprobs, echo ----------------------------------------------
+
+
+def test_token_id_prompts(client, roster):
+    ids = [roster.tokenizer("The cat").input_ids, roster.tokenizer("dog!").input_ids]
+    kw = dict(model="tiny", max_tokens=6, temperature=0)
+    by_text = [c.text for c in client.completions.create(prompt=["The cat", "dog!"], **kw).choices]
+    one = client.completions.create(prompt=ids[0], **kw)  # [int]: one prompt
+    assert [c.text for c in one.choices] == by_text[:1] and one.usage.prompt_tokens == len(ids[0])
+    both = client.completions.create(prompt=ids, **kw)  # [[int]]: a batch
+    assert [c.text for c in both.choices] == by_text and [c.index for c in both.choices] == [0, 1]
+
+
+def test_logprobs_are_those_of_the_distribution_that_picked_the_tokens(client, roster):
+    """Same seed, same RoE settings: the reported log-probs are the aggregated distribution's at each step."""
+    k4 = roster.with_config(num_samples=4, tau=0.3)
+    ids = roster.tokenizer("The cat").input_ids
+    for temperature in (0, 1.0):
+        out = client.completions.create(model="tiny", prompt="The cat", max_tokens=6, temperature=temperature, seed=5,
+                                        logprobs=3, extra_body={"roe": {"num_samples": 4, "tau": 0.3}}).choices[0]
+        (gen,) = k4.generate_completions("The cat", max_new_tokens=6, do_sample=temperature > 0, seeds=[5])
+        assert out.text == gen.text
+        (expected, _), = continuation_logprobs(k4, [(ids, gen.token_ids)], [5])
+        lp = out.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+        assert lp.token_logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+        assert lp.tokens == [roster.tokenizer.decode([t]) for t in gen.token_ids]
+        for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            # the top 3 plus the chosen token, keyed by text (tokens that decode alike share a key: the likeliest's)
+            assert top[token] >= value and 1 <= len(top) <= 4
+            assert all(v <= 0 for v in top.values())
+            if temperature == 0:  # greedy: the chosen token is the most likely one
+                assert value == pytest.approx(max(top.values()), abs=1e-6)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    other_seed = client.completions.create(model="tiny", prompt="The cat", max_tokens=6, temperature=0, seed=6,
+                                           logprobs=0, extra_body={"roe": {"num_samples": 4, "tau": 0.3}})
+    assert other_seed.choices[0].logprobs.token_logprobs != pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_echo_scores_the_prompt(client, roster):
+    text = "The cat sat"
+    ids = roster.tokenizer(text).input_ids
+    (expected, _), = continuation_logprobs(roster, [(ids[:1], ids[1:])], [9])
+    for max_tokens in (0, 1):
+        out = client.completions.create(model="tiny", prompt=text, max_tokens=max_tokens, echo=True, logprobs=2,
+                                        temperature=0, seed=9).choices[0]
+        lp = out.logprobs
+        assert len(lp.tokens) == len(ids) + max_tokens and out.text.startswith(text)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first token has no context
+        assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected.tolist(), abs=1e-4)
+    echoed = client.completions.create(model="tiny", prompt=[ids], max_tokens=3, echo=True, temperature=0)
+    assert echoed.choices[0].text == roster.tokenizer.decode(ids) + roster.generate(text, max_new_tokens=3)[0]
+
+
+def test_logprobs_include_the_eos_that_ended_a_completion(roster):
+    """echo + max_tokens 1 (lm-eval's scoring request) must list prompt + 1 tokens even when EOS is picked."""
+    ids = roster.tokenizer("ab").input_ids
+    (first,) = roster.generate_completions("ab", max_new_tokens=1)  # what greedy picks after "ab"
+    eos_roster = roster.with_config()
+    eos_roster.eos_token_ids = {first.token_ids[0]}  # make the greedy pick an EOS
+    s = _Server(create_app(eos_roster, "tiny", Limits(max_tokens=4, max_prompt_tokens=64)))
+    try:
+        body = {"model": "tiny", "prompt": "ab", "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+        choice = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["text"] == "ab"
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1
+        assert lp["tokens"][-1] == roster.tokenizer.decode([first.token_ids[0]])
+        assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()), abs=1e-6)
+    finally:
+        s.stop()
+
+
+def test_chat_logprobs(client):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                         temperature=0, logprobs=True, top_logprobs=2).choices[0]
+    content = out.logprobs.content
+    assert len(content) == 5 and "".join(c.token for c in content).replace(" ", "") == out.message.content.replace(" ", "")
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-6)
+        assert c.bytes == list(c.token.encode())
+
+
+def test_tiny_temperature_and_top_p_are_greedy(client, roster):
+    greedy = roster.generate("Hello", max_new_tokens=6)[0]
+    for extra in ({"temperature": 1e-300}, {"top_p": 1e-300}, {"temperature": 1e-6, "top_p": 1e-300}):
+        assert client.completions.create(model="tiny", prompt="Hello", max_tokens=6, **extra).choices[0].text == greedy
+        pieces = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="Hello", max_tokens=6,
+                                                                       stream=True, **extra)]
+        assert "".join(pieces) == greedy
+
+
+# ---- bad input: a clear 400 in the OpenAI error format ------------------------------------------------
+
+
+def _post(server, path, body=None, content=None, key=KEY, headers=None):
+    headers = dict(headers or {})
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     if content is not None:
-        headers["Content-Type"] = "application/json"
+        headers.setdefault("Content-Type", "application/json")
     return httpx.post(server.url + path, json=body, content=content, headers=headers, timeout=30)
 
 
@@ -108,18 +208,47 @@ BASE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
     "body, status, message",
     [
         ({**BASE, "max_tokens": "many"}, 400, "max_tokens"),
+        ({**BASE, "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
+        ({**BASE, "max_tokens": 0}, 400, "0 only with echo"),
         ({**BASE, "roe": {"num_samples": 0}}, 400, "num_samples"),
+        ({**BASE, "roe": {"num_samples": True}}, 400, "roe.num_samples: Input should be a valid integer"),
+        ({**BASE, "n": True}, 400, "n: Input should be a valid integer"),
+        ({**BASE, "temperature": True}, 400, "temperature"),
         ({**BASE, "roe": {"tau": -0.2}}, 400, "tau must be >= 0"),
+        ({**BASE, "roe": {"tau": 1e308}}, 400, "tau must be <= 10"),
+        ({**BASE, "roe": {"tau": [0.1, 11, 0.1, 0.1]}}, 400, "tau must be <= 10"),
+        ({**BASE, "roe": {"tau": "0.3"}}, 400, "roe.tau: tau must be a number or a non-empty list"),
         ({**BASE, "roe": {"tau": [0.1, 0.2]}}, 400, "tau has 2 values but the model has 4 MoE layers"),
-        ({**BASE, "roe": {"temperature": 2}}, 400, "roe.temperature"),
+        ({**BASE, "roe": {"temperature": 2}}, 400, "unsupported parameter: roe.temperature"),
         ({**BASE, "model": "gpt-4"}, 400, "unknown model 'gpt-4'"),
         ({**BASE, "roe": {"num_samples": 17}}, 400, "at most 16"),
         ({**BASE, "max_tokens": 33}, 400, "at most 32"),
-        ({**BASE, "prompt": "x" * 65}, 400, "at most 64"),
+        ({**BASE, "prompt": "x" * 65}, 400, "the prompt has 65 tokens; this server allows at most 64"),
+        ({**BASE, "prompt": "x" * 50_000}, 400, "the prompt has 50000 characters"),
+        ({**BASE, "prompt": [[5] * 65]}, 400, "the prompt has 65 tokens; this server allows at most 64"),
         ({**BASE, "prompt": ""}, 400, "prompt is empty"),
-        ({**BASE, "logprobs": 2}, 400, "not supported"),
-        ({**BASE, "best_of": 2}, 400, "best_of"),
+        ({**BASE, "prompt": []}, 400, "prompt is an empty list"),
+        ({**BASE, "prompt": [[]]}, 400, "empty list of token ids"),
+        ({**BASE, "prompt": [5, 1.5]}, 400, "prompt must be a string, a list of strings, a list of token ids"),
+        ({**BASE, "prompt": [5, True]}, 400, "prompt must be a string"),
+        ({**BASE, "prompt": ["a", [5]]}, 400, "prompt must be a string"),
+        ({**BASE, "prompt": [[5], [99999]]}, 400, "prompt 1: token id 99999 is out of range"),
+        ({**BASE, "prompt": [-1]}, 400, "token id -1 is out of range"),
+        ({**BASE, "prompt": ["a"] * 9, "n": 8}, 400, "asks for 72 completions (9 prompts x n=8); this server queues at most 64"),
+        ({**BASE, "prompt": ["a"] * 65}, 400, "65 prompts; this server allows at most 64"),
+        ({**BASE, "seed": 2**70}, 400, "seed must be an integer in [0, 2**63)"),
+        ({**BASE, "seed": -1}, 400, "seed must be an integer in [0, 2**63)"),
+        ({**BASE, "seed": 2**63 - 1, "n": 2}, 400, "seed + n - 1 must be < 2**63"),
+        ({**BASE, "logprobs": 21}, 400, "logprobs"),
+        ({**BASE, "logprobs": 1, "stream": True}, 400, "logprobs are not supported with stream"),
+        ({**BASE, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop sequences"),
+        ({**BASE, "stop": 5}, 400, "stop must be a string or a list of strings"),
+        ({**BASE, "frequency_penalty": 1}, 400, "frequency_penalty and presence_penalty are not supported"),
+        ({**BASE, "best_of": 2}, 400, "unsupported parameter: best_of"),
         ({"model": "tiny", "messages": []}, 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+         "top_logprobs needs logprobs: true"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 50_000}]}, 400, "characters"),
     ],
 )
 def test_bad_requests(server, body, status, message):
@@ -127,19 +256,50 @@ def test_bad_requests(server, body, status, message):
     r = _post(server, path, body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert message in err["message"] and err["type"] == "invalid_request_error"
+    assert message in err["message"] and err["type"] == "invalid_request_error", err
+    assert "Value error" not in err["message"] and "must be a JSON object" not in err["message"]
 
 
-def test_malformed_json_and_auth(server):
-    r = _post(server, "/v1/completions", content=b'{"model": "tiny", "prompt": ')
-    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    r = httpx.post(server.url + "/v1/completions", content=b"hello", headers={"Authorization": f"Bearer {KEY}"})
-    assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"]
+def test_seed_at_the_top_of_the_range_is_accepted(client):
+    out = client.completions.create(model="tiny", prompt="hi", max_tokens=2, seed=2**63 - 1)
+    assert out.usage.completion_tokens == 2
+
+
+def test_malformed_bodies_and_auth(server):
+    for content in (b'{"model": "tiny", "prompt": ', b'{"model": "tiny", "prompt": "\xff\xfe"}', b"hello",
+                    b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', b"[" * 100_000):
+        r = _post(server, "/v1/completions", content=content)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "the request body is not valid JSON", content
+    r = _post(server, "/v1/completions", content=b"[1, 2]")
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the request body must be a JSON object"
+    too_big = server.app.state.max_body_bytes + 1
+    r = _post(server, "/v1/completions", content=b" " * too_big)
+    assert r.status_code == 413 and "larger than this server's limit" in r.json()["error"]["message"]
     r = _post(server, "/v1/completions", BASE, key=None)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = _post(server, "/v1/completions", BASE, key="wrong")
     assert r.status_code == 401
-    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # /health needs no key
+    for path in ("/docs", "/openapi.json", "/redoc"):  # no API description without the key, none at all with it
+        assert httpx.get(server.url + path).status_code == 401
+        r = httpx.get(server.url + path, headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "method GET is not allowed" in r.json()["error"]["message"]
+
+
+def test_docs_open_without_a_key(roster):
+    s = _Server(create_app(roster, "tiny", Limits(max_tokens=4)))
+    try:
+        assert httpx.get(s.url + "/openapi.json").status_code == 200
+        assert httpx.post(s.url + "/v1/completions", json={**BASE, "max_tokens": 2}, timeout=60).status_code == 200
+    finally:
+        s.stop()
+
+
+# ---- load: queue limits, cancellation, shutdown -------------------------------------------------------
 
 
 def test_queue_limit_answers_429_without_hanging(roster):
@@ -151,9 +311,98 @@ def test_queue_limit_answers_429_without_hanging(roster):
                         for i in range(12)]  # different settings: no batching, so the queue fills
                 return await asyncio.gather(*reqs)
 
-        codes = [r.status_code for r in asyncio.run(main())]
+        responses = asyncio.run(main())
+        codes = [r.status_code for r in responses]
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 429)
         assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.stop()
+
+
+def _poll(url, done, tries=200):
+    """Poll /health until done(json) (at most `tries` x 50 ms); the last answer."""
+    for _ in range(tries):
+        h = httpx.get(url + "/health").json()
+        if done(h):
+            return h
+        time.sleep(0.05)
+    return h
+
+
+def test_clients_that_leave_free_the_queue_and_the_worker(roster, monkeypatch):
+    """Queued jobs of clients that gave up are dropped; a running batch whose stream closed stops early."""
+    import roe.server as server_module
+
+    steps = []  # per batch the worker ran: decode steps taken
+    real = server_module.decode_steps
+
+    def slow(*args):
+        steps.append(0)
+        for outs in real(*args):
+            time.sleep(0.1)  # a slow model: 32 steps would take 3.2 s
+            steps[-1] += 1
+            yield outs
+
+    monkeypatch.setattr(server_module, "decode_steps", slow)
+    s = _Server(create_app(roster, "tiny", Limits(max_tokens=32)))
+    try:
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as c:
+                long = {**BASE, "max_tokens": 32, "stream": True}
+                async with c.stream("POST", s.url + "/v1/completions", json=long) as r:
+                    lines = r.aiter_lines()  # (breaking out of an `async for` over it would close the stream)
+                    while not (await lines.__anext__()).startswith("data: "):
+                        pass  # the long job is running once its first piece arrives
+                    async with httpx.AsyncClient(timeout=0.3) as impatient:
+                        async def give_up(i):
+                            with pytest.raises(httpx.TimeoutException):
+                                await impatient.post(s.url + "/v1/completions",
+                                                     json={**BASE, "max_tokens": 32, "roe": {"tau": 0.05 * i}})
+                        await asyncio.gather(*[give_up(i) for i in range(1, 7)])
+                    queued = await asyncio.to_thread(_poll, s.url, lambda h: h["queued"] == 0)
+                # the stream is closed here
+                after = await asyncio.to_thread(_poll, s.url, lambda h: h["running"] == 0)
+                small = await c.post(s.url + "/v1/completions", json={**BASE, "max_tokens": 2})
+                return queued, after, small
+
+        queued, after, small = asyncio.run(main())
+        assert queued["queued"] == 0 and queued["running"] == 1  # dropped while the long job still ran
+        assert after == {"status": "ok", "queued": 0, "running": 0}
+        assert small.status_code == 200
+        assert len(steps) == 2 and steps[0] < 32  # the six never ran; the long one was cut short
+    finally:
+        s.stop()
+
+
+def test_shutdown_answers_queued_jobs_503(roster, monkeypatch):
+    import roe.server as server_module
+
+    real = server_module.decode_steps
+
+    def slow(*args):
+        for outs in real(*args):
+            time.sleep(0.05)
+            yield outs
+
+    monkeypatch.setattr(server_module, "decode_steps", slow)
+    app = create_app(roster, "tiny", Limits(max_tokens=16))
+    s = _Server(app)
+    try:
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as c:
+                reqs = [asyncio.ensure_future(c.post(s.url + "/v1/completions",
+                                                     json={**BASE, "max_tokens": 16, "roe": {"tau": 0.05 * i}}))
+                        for i in range(4)]
+                await asyncio.to_thread(_poll, s.url, lambda h: h["queued"] == 3)
+                app.state.scheduler.close()  # what SIGTERM does first (tests/test_server_process.py sends one)
+                late = await c.post(s.url + "/v1/completions", json=BASE)
+                return [await r for r in reqs], late
+
+        done, late = asyncio.run(main())
+        assert sorted(r.status_code for r in done) == [200, 503, 503, 503]
+        assert all("shutting down" in r.json()["error"]["message"] for r in done if r.status_code == 503)
+        assert late.status_code == 503
     finally:
         s.stop()
 
@@ -167,8 +416,6 @@ def test_fifty_concurrent_streams(server, roster):
             assert r.status_code == 200
             lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
-        import json
-
         for line in lines[:-1]:
             text += json.loads(line[6:])["choices"][0]["text"]
         return i, text
@@ -180,4 +427,4 @@ def test_fifty_concurrent_streams(server, roster):
     results = asyncio.run(main())
     expected = {p: roster.generate(f"p{p}", max_new_tokens=10)[0] for p in range(5)}
     assert all(text == expected[i % 5] for i, text in results)
-    assert httpx.get(server.url + "/health").json() == {"status": "ok", "queued": 0}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "queued": 0, "running": 0}
