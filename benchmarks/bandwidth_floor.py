@@ -49,18 +49,23 @@ def main():
     model = None
     print("| method | K | cache | distinct experts/layer | weights read GB | x base | floor ms | measured ms | x floor |")
     print("|---|---|---|---|---|---|---|---|---|")
-    base_bytes = None
-    for r in rows:
-        if r["method"] not in ("base", "roe") or r.get("engine", "optimised") != "optimised":
+    base_bytes = base_distinct = None
+    for r in rows:  # single-prompt rows (a batched row's step serves several tokens)
+        if r["method"] not in ("base", "roe", "hf-eager", "hf-compiled") or r.get("batch", 1) != 1 \
+                or r.get("engine", "optimised") != "optimised":
             continue
         read, distinct = r.get("weight_bytes_per_token"), r["distinct_experts_per_layer"]
-        if read is None:
+        if r["method"].startswith("hf-"):  # transformers' generate: the base model's weights, one row
+            read, distinct = base_bytes, base_distinct
+            if read is None:
+                continue
+        elif read is None:
             if model is None:
                 model, _ = bench.random_olmoe_1b_7b("meta")  # shapes only, no memory
             distinct = distinct or model.config.num_experts_per_tok  # one row: its top-k
             read = bench.weight_bytes_per_token(model, [distinct] * model.config.num_hidden_layers)
         if base_bytes is None and r["method"] == "base":
-            base_bytes = read
+            base_bytes, base_distinct = read, distinct
         floor_ms = read / (args.tb_per_s * 1e12) * 1e3
         print(f"| {r['method']} | {r['k']} | {r['cache'] or '-'} | {distinct:.1f} | "
               f"{read / 1e9:.2f} | {read / base_bytes:.2f} | {floor_ms:.2f} | {r['ms_per_token']:.2f} | "

@@ -1,35 +1,54 @@
-"""`roe bench`: decode latency, throughput and memory of RoE against the base model and two baselines.
+"""`roe bench`: decode latency, throughput, memory and power of RoE against the base model and baselines.
 
-Every configuration runs the same minimal greedy loop (prefill, then one forward
-per new token, argmax of the aggregated distribution) in one process, so the
-ratios between rows are comparable. Methods:
+RoE, the base model and the RoE-style baselines run the same minimal greedy loop (prefill, then one forward per
+new token, argmax of the aggregated distribution) in one process, so the ratios between rows are comparable.
+The two `hf-*` rows are what a user would otherwise run: transformers' own `model.generate` (greedy), measured
+in the same run. Methods:
 
-base         the plain transformers model with its own cache (no RoE hooks active)
-roe          the batched engine: B*K rows per forward, clean or full cache
+base         the plain transformers model with its own cache, driven by the loop above (RoE's hooks inactive)
+hf-eager     `model.generate(..., do_sample=False)` on the model with RoE's hooks removed
+hf-compiled  the same with `cache_implementation="static"`: transformers compiles the decode step itself
+             (torch.compile, mode reduce-overhead) on CUDA/XPU; elsewhere it runs the static cache eagerly
+             and the row's `note` says so
+roe          the batched engine: B*K rows per forward, clean or full cache; compiled per `--compile`
 independent  K separate cached forwards per step, one per sample (full-cache semantics, no batching)
 naive        no cache: the whole sequence recomputed K times per step (only small K, few tokens)
 
-Every configuration is measured `repeats` times in interleaved rounds (so slow
-drift of a shared machine hits all of them alike) and the median run is kept.
-`--ablations` adds RoE rows with one engine optimisation switched off each, the
-"before" of its before/after pair.
+Every configuration is measured `repeats` times in interleaved rounds (so slow drift of a shared machine hits
+all of them alike) and the median run is kept. `--batch-sizes 1,16` adds a row set with 16 prompts decoded
+together (base, hf-eager, hf-compiled and RoE at each `--batch-k`); their tokens/s count the tokens of all
+prompts and their ms/token is one decode step. `--ablations` adds RoE rows with one engine optimisation switched
+off each, the "before" of its before/after pair.
+
+Every row carries its tokens/s ratio to the reference base row (`x_base`: the faster of the first and last base
+runs) and to the `hf-compiled` row (`x_hf_compiled`), both of the same batch size. A row that may compile
+(hf-compiled; RoE with compile on, or auto on CUDA) is run once untimed before its first timed run; `compile_s`
+is that first run's wall time minus the kept run's (compilation plus any other once-per-shape cost such as CUDA
+graph capture). On CUDA with `nvidia-ml-py` installed, the GPU's energy counter is read through NVML around each
+decode loop: `power_w` (average) and `energy_j_per_token` (per generated token); otherwise they are null and
+`power_note` says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from . import adapters
 from .adapters import ACTIVE, RoutingNoise, find_experts
 from .engine import aggregate, cache_bytes
 from .routing import gumbel
+
+HF_METHODS = ("hf-eager", "hf-compiled")
 
 
 @dataclass
@@ -38,14 +57,14 @@ class BenchRow:
     k: int
     cache: str | None
     new_tokens: int
-    tokens_per_s: float
-    ms_per_token: float
+    tokens_per_s: float  # generated tokens per second, all prompts of the batch together
+    ms_per_token: float  # one decode step (a token for each prompt of the batch)
     prefill_ms: float
     peak_mem_bytes: int
     kv_cache_bytes: int | None
     distinct_experts_per_layer: float | None
     weight_bytes_per_token: float | None = None  # the least a decode step reads (see weight_bytes_per_token)
-    kernels_per_token: int | None = None  # operations a decode step dispatches (see kernels_per_token)
+    kernels_per_token: int | None = None  # operations an eager decode step dispatches (see kernels_per_token)
     # the experts implementation configured on the model for this row; an "optimised" RoE row on top of the default
     # grouped_mm lets the engine pick the dispatch per layer shape (experts.py)
     experts: str | None = None
@@ -53,6 +72,25 @@ class BenchRow:
     repeats: int = 1
     ms_per_token_min: float | None = None  # spread of the repeats
     ms_per_token_max: float | None = None
+    batch: int = 1  # prompts decoded together
+    compiled: bool = False  # the decode step ran torch.compile'd code
+    compile_s: float | None = None  # first (untimed) run minus the kept run, seconds; only for rows that compiled
+    x_base: float | None = None  # tokens/s over the reference base row's, same batch size
+    x_hf_compiled: float | None = None  # tokens/s over the hf-compiled row's, same batch size
+    power_w: float | None = None  # average GPU power during the decode loop (NVML)
+    energy_j_per_token: float | None = None  # GPU energy of the decode loop per generated token (NVML)
+    power_note: str | None = None  # how power was read, or why it was not
+    note: str | None = None  # anything else a reader of this row should know
+
+
+@dataclass
+class _Run:
+    prefill_s: float
+    decode_s: float
+    kv: int | None
+    joules: float | None = None  # GPU energy during the decode loop
+    compiled: bool = False
+    note: str | None = None
 
 
 # engine optimisations that can be switched off, by the name a row reports
@@ -97,9 +135,107 @@ class PeakMemory:
             self._thread.join()
 
 
+def _nvml_index(device: torch.device) -> int:
+    """NVML's index of a CUDA device (they differ from CUDA's when CUDA_VISIBLE_DEVICES reorders or hides GPUs)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return torch.cuda._get_nvml_device_index(index)
+    except Exception:  # a private helper: fall back to CUDA's numbering
+        return index
+
+
+class PowerMeter:
+    """The GPU's cumulative energy in joules through NVML (`pynvml`, from the `nvidia-ml-py` package).
+
+    `energy()` is None when it cannot be read (not a CUDA device, pynvml not installed, NVML failing); `note` says
+    why, or how it is read. The total-energy counter (Volta and newer) is read directly; where it is not supported
+    a thread samples the power every 5 ms and integrates it. Optional: the bench never fails for want of it.
+    """
+
+    def __init__(self, device: torch.device):
+        self._nvml = self._handle = self._thread = None
+        self._joules = 0.0
+        if device.type != "cuda":
+            self.note = f"not measured: NVML reads NVIDIA GPUs, this run is on {device.type}"
+            return
+        try:
+            import pynvml
+        except ImportError:
+            self.note = "not measured: pynvml is not installed (pip install nvidia-ml-py)"
+            return
+        try:
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(device))
+        except Exception as e:  # pynvml.NVMLError and its many subclasses
+            self.note = f"not measured: NVML unavailable ({e})"
+            return
+        self._nvml = pynvml
+        try:
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+            self.note = "NVML total energy counter, read before and after each decode loop"
+            self._counter = True
+        except Exception:
+            self.note = "NVML power usage sampled every 5 ms and integrated (no energy counter on this GPU)"
+            self._counter = False
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self):
+        last = time.perf_counter()
+        while not self._stop.wait(0.005):
+            try:
+                watts = self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000  # mW
+            except Exception:
+                continue
+            now = time.perf_counter()
+            self._joules += watts * (now - last)
+            last = now
+
+    def energy(self) -> float | None:
+        if self._nvml is None:
+            return None
+        if self._counter:
+            try:
+                return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1000  # mJ
+            except Exception:
+                return None
+        return self._joules
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        if self._nvml is not None:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+            self._nvml = None
+
+
+class _NoMeter:
+    def energy(self):
+        return None
+
+
+def _joules(e0, e1):
+    return None if e0 is None or e1 is None else e1 - e0
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _without_roe_hooks(model):
+    """The model exactly as a user has it (RoE's hooks removed), its hooks put back afterwards."""
+    hooked = getattr(model, "_roe_hooks", None) is not None
+    adapters.unpatch(model)
+    try:
+        yield model
+    finally:
+        if hooked:
+            adapters.patch(model)
 
 
 def _noise_for_one_row(roster, g: torch.Generator, seq: int):
@@ -108,41 +244,105 @@ def _noise_for_one_row(roster, g: torch.Generator, seq: int):
     return RoutingNoise(per_layer, torch.ones(seq, 1, dtype=torch.bool, device=roster.model.device))
 
 
-def run_base(roster, prompt, new_tokens):
+def run_base(roster, prompt, new_tokens, meter=_NoMeter()) -> _Run:
     model, device = roster.model, roster.model.device
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         _sync(device)
-        t1 = time.perf_counter()
+        t1, e1 = time.perf_counter(), meter.energy()
         for _ in range(new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             logits = model(nxt, past_key_values=cache, use_cache=True).logits
         _sync(device)
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, cache_bytes(cache)
+        t2, e2 = time.perf_counter(), meter.energy()
+    return _Run(t1 - t0, t2 - t1, cache_bytes(cache), _joules(e1, e2))
 
 
-def run_roe(roster, prompt, new_tokens, record=False, **engine_options):
+class _DecodeStart(LogitsProcessor):
+    """A logits processor that changes nothing: it notes the time (and energy) when `generate` has the prompt's
+    logits, i.e. when the prefill is done and the decode loop begins."""
+
+    def __init__(self, device, meter):
+        self.device, self.meter = device, meter
+        self.time = self.energy = None
+
+    def __call__(self, input_ids, scores):
+        if self.time is None:
+            _sync(self.device)
+            self.time, self.energy = time.perf_counter(), self.meter.energy()
+        return scores
+
+
+def run_hf(roster, prompt, new_tokens, static: bool, meter=_NoMeter()) -> _Run:
+    """transformers' own greedy `generate` on the model without RoE's hooks: what a user would otherwise run.
+
+    One `generate` of new_tokens + 1 tokens: the prefill is timed up to the prompt's logits (the first call of a
+    logits processor that changes nothing), the decode loop from there to the end, i.e. new_tokens forwards of
+    one token each, like the other methods. static: `cache_implementation="static"`, which is what makes
+    transformers compile the decode step (on CUDA/XPU)."""
+    model, device = roster.model, roster.model.device
+    start = _DecodeStart(device, meter)
+    kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=roster.pad_token_id,
+              max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
+              logits_processor=LogitsProcessorList([start]))
+    if static:
+        kw["cache_implementation"] = "static"
+    compiled = []  # generate asks for its compiled forward only when it will decode with it
+    own = getattr(model, "get_compiled_call", None)
+    before = model.__dict__.get("_compiled_call")
+
+    def spy(*args, **kwargs):
+        compiled.append(True)
+        return own(*args, **kwargs)
+
+    with _without_roe_hooks(model), torch.inference_mode():
+        if own is not None:
+            model.get_compiled_call = spy
+        try:
+            t0 = time.perf_counter()
+            out = model.generate(prompt, **kw)
+            _sync(device)
+            t2, e2 = time.perf_counter(), meter.energy()
+        finally:
+            if own is not None:
+                del model.get_compiled_call
+    if own is None and model.__dict__.get("_compiled_call") is not before:  # another transformers version
+        compiled.append(True)
+    if out.shape[1] != prompt.shape[1] + new_tokens + 1 or start.time is None:
+        raise RuntimeError(f"generate returned {out.shape[1] - prompt.shape[1]} new tokens, not {new_tokens + 1}")
+    note = None
+    if static and not compiled:
+        note = (f"transformers compiles generate's decode step only on CUDA/XPU/TPU/Neuron devices: on {device.type} "
+                "this is the static cache, run eagerly")
+    return _Run(start.time - t0, t2 - start.time, None, _joules(start.energy, e2), bool(compiled), note)
+
+
+def run_roe(roster, prompt, new_tokens, record=False, meter=_NoMeter(), **engine_options):
+    """RoE's greedy loop for the prompts of `prompt` [B, T] (prompt b gets seed config.seed + b).
+    Returns (_Run, the RoEPass)."""
     device = roster.model.device
-    run = roster.new_pass([roster.config.seed], record_experts=record, **engine_options)
+    seed = roster.config.seed
+    run = roster.new_pass([seed + b for b in range(prompt.shape[0])], record_experts=record, **engine_options)
     mask = torch.ones_like(prompt, dtype=torch.bool)
     t0 = time.perf_counter()
     run.prefill(prompt[:, :-1], mask[:, :-1])
     cur = prompt[:, -1:]
     logits = run.forward(cur)
     _sync(device)
-    t1 = time.perf_counter()
+    t1, e1 = time.perf_counter(), meter.energy()
     for _ in range(new_tokens):
         cur = aggregate(logits[:, :, -1], roster.config.aggregate).argmax(-1, keepdim=True)
         logits = run.forward(cur)
     _sync(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, run.kv_cache_bytes(), run
+    t2, e2 = time.perf_counter(), meter.energy()
+    # the engine says whether its decode step ran compiled (RoEPass.compiled); an engine without one ran eagerly
+    compiled = bool(getattr(run, "compiled", False))
+    return _Run(t1 - t0, t2 - t1, run.kv_cache_bytes(), _joules(e1, e2), compiled), run
 
 
-def run_independent(roster, prompt, new_tokens):
+def run_independent(roster, prompt, new_tokens, meter=_NoMeter()) -> _Run:
     """K separate cached forwards per step; sample 0 clean, the others with their own noise."""
     model, device, k = roster.model, roster.model.device, roster.config.num_samples
     g = torch.Generator().manual_seed(roster.config.seed)
@@ -159,16 +359,16 @@ def run_independent(roster, prompt, new_tokens):
         t0 = time.perf_counter()
         logits = torch.stack([step(prompt, j, logits_to_keep=1) for j in range(k)], 1)
         _sync(device)
-        t1 = time.perf_counter()
+        t1, e1 = time.perf_counter(), meter.energy()
         for _ in range(new_tokens):
             nxt = aggregate(logits[:, :, -1], roster.config.aggregate).argmax(-1, keepdim=True)
             logits = torch.stack([step(nxt, j) for j in range(k)], 1)
         _sync(device)
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, sum(cache_bytes(c) for c in caches)
+        t2, e2 = time.perf_counter(), meter.energy()
+    return _Run(t1 - t0, t2 - t1, sum(cache_bytes(c) for c in caches), _joules(e1, e2))
 
 
-def run_naive(roster, prompt, new_tokens):
+def run_naive(roster, prompt, new_tokens, meter=_NoMeter()) -> _Run:
     """No cache at all: every step recomputes the whole sequence once per sample."""
     model, device, k = roster.model, roster.model.device, roster.config.num_samples
     g = torch.Generator().manual_seed(roster.config.seed)
@@ -188,19 +388,26 @@ def run_naive(roster, prompt, new_tokens):
         t0 = time.perf_counter()
         logits = all_samples(seq)
         _sync(device)
-        t1 = time.perf_counter()
+        t1, e1 = time.perf_counter(), meter.energy()
         for _ in range(new_tokens):
             nxt = aggregate(logits[:, :, -1], roster.config.aggregate).argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
             logits = all_samples(seq)
         _sync(device)
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, 0
+        t2, e2 = time.perf_counter(), meter.energy()
+    return _Run(t1 - t0, t2 - t1, None, _joules(e1, e2))
+
+
+def _eager(roster):
+    """The same roster with the decode step never compiled (counting operations, recording experts)."""
+    r = roster.with_config()
+    r.compile = "off"
+    return r
 
 
 def distinct_experts(roster, prompt, steps: int = 16) -> list[float]:
     """Per MoE layer: the mean number of distinct experts the K rows touch in one decode step."""
-    _, _, _, run = run_roe(roster, prompt, steps, record=True)
+    _, run = run_roe(_eager(roster), prompt, steps, record=True)
     counts = [[] for _ in roster.taus]
     for forward in run.chosen[1:]:  # decode steps (the first forward is the prompt's last token)
         for layer, idx in enumerate(forward):
@@ -224,9 +431,9 @@ class _KernelCounter(TorchDispatchMode):
 
 
 def kernels_per_token(roster, prompt, method: str, **engine_options) -> int:
-    """Operations one greedy decode step dispatches (forward, aggregation, argmax): a count, not a timing, so it
-    is the same on every run and every machine; the base model's count against RoE's is the launch overhead RoE
-    adds on a device where a decode step is bound by kernel launches."""
+    """Operations one greedy decode step dispatches (forward, aggregation, argmax), run eagerly: a count, not a
+    timing, so it is the same on every run and every machine; the base model's count against RoE's is the launch
+    overhead RoE adds on a device where a decode step is bound by kernel launches (before any compilation)."""
     with torch.inference_mode():
         if method == "base":
             cache = DynamicCache(config=roster.model.config)
@@ -235,7 +442,7 @@ def kernels_per_token(roster, prompt, method: str, **engine_options) -> int:
                 logits = roster.model(prompt[:, -1:], past_key_values=cache, use_cache=True).logits
                 logits[:, -1].argmax(-1, keepdim=True)
             return counter.count
-        run = roster.new_pass([roster.config.seed], **engine_options)
+        run = _eager(roster).new_pass([roster.config.seed], **engine_options)
         run.prefill(prompt[:, :-1], torch.ones_like(prompt[:, :-1], dtype=torch.bool))
         run.forward(prompt[:, -1:])
         with _KernelCounter() as counter:
@@ -260,8 +467,13 @@ def weight_bytes_per_token(model, experts_per_layer: list[float]) -> float:
 
 
 def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: int, engine: str = "optimised",
-            experts: str | None = None) -> BenchRow:
-    r = roster.with_config(num_samples=k, cache=cache or "clean")
+            experts: str | None = None, meter=None, compile: str | None = None) -> BenchRow:
+    """One run of one configuration. prompt [B, T]: B prompts decoded together. compile overrides the roster's
+    mode for RoE rows (the untimed warm-ups run eagerly so that they compile nothing)."""
+    r = roster.with_config(num_samples=k, cache=cache if cache in ("clean", "full") else "clean")
+    if compile is not None:
+        r.compile = compile
+    meter = meter or _NoMeter()
     device = roster.model.device
     config = roster.model.config
     default = config._experts_implementation
@@ -270,22 +482,32 @@ def measure(roster, method: str, k: int, cache: str | None, prompt, new_tokens: 
     try:
         with PeakMemory(device) as mem:
             if method == "base":
-                prefill, decode, kv = run_base(r, prompt, new_tokens)
+                run = run_base(r, prompt, new_tokens, meter)
+            elif method in HF_METHODS:
+                run = run_hf(r, prompt, new_tokens, static=method == "hf-compiled", meter=meter)
             elif method == "roe":
-                prefill, decode, kv, _ = run_roe(r, prompt, new_tokens, **ABLATIONS.get(engine, {}))
+                run, _ = run_roe(r, prompt, new_tokens, meter=meter, **ABLATIONS.get(engine, {}))
             elif method == "independent":
-                prefill, decode, kv = run_independent(r, prompt, new_tokens)
+                run = run_independent(r, prompt, new_tokens, meter)
             else:
-                prefill, decode, kv = run_naive(r, prompt, new_tokens)
+                run = run_naive(r, prompt, new_tokens, meter)
     finally:
         config._experts_implementation = default
-    return BenchRow(method, k, cache, new_tokens, new_tokens / decode, 1000 * decode / new_tokens, 1000 * prefill,
-                    mem.peak, kv if method != "naive" else None, None, experts=experts, engine=engine)
+    batch = prompt.shape[0]
+    tokens = new_tokens * batch
+    row = BenchRow(method, k, cache, new_tokens, tokens / run.decode_s, 1000 * run.decode_s / new_tokens,
+                   1000 * run.prefill_s, mem.peak, run.kv, None, experts=experts, engine=engine, batch=batch,
+                   compiled=run.compiled, note=run.note)
+    if run.joules is not None:
+        row.power_w = run.joules / run.decode_s
+        row.energy_j_per_token = run.joules / tokens
+    row.power_note = getattr(meter, "note", None)
+    return row
 
 
 def _median_row(runs: list[BenchRow]) -> BenchRow:
     runs = sorted(runs, key=lambda r: r.ms_per_token)
-    row = runs[len(runs) // 2]
+    row = BenchRow(**asdict(runs[len(runs) // 2]))  # a copy: the runs stay as measured
     row.repeats = len(runs)
     row.ms_per_token_min, row.ms_per_token_max = runs[0].ms_per_token, runs[-1].ms_per_token
     row.peak_mem_bytes = max(r.peak_mem_bytes for r in runs)
@@ -311,45 +533,118 @@ def random_olmoe_1b_7b(device: str, dtype=torch.bfloat16):
     return model.eval(), AutoTokenizer.from_pretrained(builtin_path("s"))
 
 
+def may_compile(roster) -> bool:
+    """Whether RoE's decode step can be compiled under the roster's mode on its device."""
+    mode = getattr(roster, "compile", "off")
+    return mode == "on" or (mode == "auto" and roster.model.device.type == "cuda")
+
+
+def reference_base(rows: list[BenchRow], batch: int = 1) -> BenchRow | None:
+    """The faster of the base runs (first and last) of a batch size: ratios against it are conservative for RoE."""
+    default = rows[0].experts if rows else None
+    bases = [r for r in rows if r.method == "base" and r.experts == default and r.batch == batch]
+    return max(bases, key=lambda r: r.tokens_per_s) if bases else None
+
+
+def reference_hf_compiled(rows: list[BenchRow], batch: int = 1) -> BenchRow | None:
+    return next((r for r in rows if r.method == "hf-compiled" and r.batch == batch), None)
+
+
+def add_ratios(rows: list[BenchRow]) -> None:
+    """x_base and x_hf_compiled of every row: its tokens/s over the reference row's of the same batch size."""
+    for row in rows:
+        base, hf = reference_base(rows, row.batch), reference_hf_compiled(rows, row.batch)
+        row.x_base = None if base is None else row.tokens_per_s / base.tokens_per_s
+        row.x_hf_compiled = None if hf is None else row.tokens_per_s / hf.tokens_per_s
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tokens, independent_ks, warmup=True,
-              experts_impls=(), ablations=False, repeats=1):
+              experts_impls=(), ablations=False, repeats=1, batch_sizes=(1,), batch_ks=(8,), hf_baselines=True,
+              meter=None, checkpoint=None, log=_log):
+    """All rows of one bench run. checkpoint(rows, complete): called with the rows so far after every measurement
+    (complete=False) and at the end (True), e.g. to save partial results of a run that may be cut off."""
     device = roster.model.device
+    meter = meter or _NoMeter()
     g = torch.Generator().manual_seed(0)
     vocab = min(roster.model.config.vocab_size, len(roster.tokenizer))
-    prompt = torch.randint(4, vocab, (1, prompt_tokens), generator=g).to(device)
+    prompt = torch.randint(4, vocab, (1, prompt_tokens), generator=g)
+    prompts = {1: prompt.to(device)}
+    for b in sorted(set(batch_sizes) - {1}):  # the first prompt of every batch is the single-prompt rows' prompt
+        prompts[b] = torch.cat([prompt, torch.randint(4, vocab, (b - 1, prompt_tokens), generator=g)]).to(device)
+    prompt = prompts[1]
     default = roster.model.config._experts_implementation
-    # (method, K, cache, new tokens, engine variant, experts implementation), in the order of the table
-    configs = [("base", 1, None, new_tokens, "optimised", None)]
-    configs += [("roe", k, cache, new_tokens, "optimised", None) for k in ks for cache in caches]
+    hf = [(m, 1, "static" if m == "hf-compiled" else None, new_tokens, "optimised", None, 1)
+          for m in HF_METHODS] if hf_baselines else []
+    # (method, K, cache, new tokens, engine variant, experts implementation, batch), in the order of the table
+    configs = [("base", 1, None, new_tokens, "optimised", None, 1), *hf]
+    configs += [("roe", k, cache, new_tokens, "optimised", None, 1) for k in ks for cache in caches]
     if ablations:
-        configs += [("roe", k, "clean", new_tokens, name, None) for k in ks if k > 1 for name in ABLATIONS]
+        configs += [("roe", k, "clean", new_tokens, name, None, 1) for k in ks if k > 1 for name in ABLATIONS]
         if "full" in caches:  # the full cache's share of the engine: its leading layers' compute and history
-            configs += [("roe", k, "full", new_tokens, "no shared layers", None) for k in ks if k > 1]
-    configs += [("independent", k, "full", new_tokens, "optimised", None) for k in independent_ks]
+            configs += [("roe", k, "full", new_tokens, "no shared layers", None, 1) for k in ks if k > 1]
+    configs += [("independent", k, "full", new_tokens, "optimised", None, 1) for k in independent_ks]
     for k in naive_ks:
-        configs += [("naive", k, None, naive_tokens, "optimised", None),
-                    ("roe", k, "clean", naive_tokens, "optimised", None)]  # same-length RoE row for the ratio
+        configs += [("naive", k, None, naive_tokens, "optimised", None, 1),
+                    ("roe", k, "clean", naive_tokens, "optimised", None, 1)]  # same-length RoE row for the ratio
     for impl in experts_impls:  # the expert dispatch, compared on the same shapes (clean cache)
         if impl != default:
-            configs += [("base", 1, None, new_tokens, "optimised", impl)]
-            configs += [("roe", k, "clean", new_tokens, "optimised", impl) for k in ks if k > 1]
-    configs.append(("base", 1, None, new_tokens, "last", None))  # at the end: drift shows as a gap to the first
+            configs += [("base", 1, None, new_tokens, "optimised", impl, 1)]
+            configs += [("roe", k, "clean", new_tokens, "optimised", impl, 1) for k in ks if k > 1]
+    batch_cache = "clean" if "clean" in caches else caches[0]
+    for b in sorted(set(batch_sizes) - {1}):  # the batched row set: b prompts decoded together
+        configs += [("base", 1, None, new_tokens, "optimised", None, b)]
+        configs += [(m, k, c, t, e, i, b) for m, k, c, t, e, i, _ in hf]
+        configs += [("roe", k, batch_cache, new_tokens, "optimised", None, b) for k in batch_ks]
+    configs.append(("base", 1, None, new_tokens, "last", None, 1))  # at the end: drift shows as a gap to the first
     configs = list(dict.fromkeys(configs))  # e.g. the naive baseline's RoE row when it has the full length
-    if warmup:  # kernel selection, allocator growth and clocks settle before anything is timed
+    compiles = may_compile(roster)
+    first_run = {}  # config -> wall seconds of its untimed first run (rows that may compile)
+    if warmup:  # kernel selection, allocator growth and clocks settle before anything is timed (compiling nothing)
+        t0 = time.perf_counter()
         measure(roster, "base", 1, None, prompt, 32)
-        measure(roster, "roe", max(ks), caches[0], prompt, 8)
+        measure(roster, "roe", max(ks), caches[0], prompt, 8, compile="off")
+        if hf_baselines:
+            measure(roster, "hf-eager", 1, None, prompt, 8)
+        log(f"[bench] warm-up: {time.perf_counter() - t0:.1f} s")
+
     runs: dict[tuple, list[BenchRow]] = {c: [] for c in configs}
-    for _ in range(repeats):
+
+    def current_rows(complete: bool) -> list[BenchRow]:
+        rows = [_median_row(runs[c]) for c in configs if runs[c]]
+        for c, row in zip([c for c in configs if runs[c]], rows):
+            if row.compiled and c in first_run:
+                row.compile_s = max(0.0, first_run[c] - (row.prefill_ms + row.ms_per_token * row.new_tokens) / 1000)
+        add_ratios(rows)
+        return rows
+
+    start = time.perf_counter()
+    for rnd in range(repeats):
         for c in configs:
-            method, k, cache, tokens, engine, impl = c
-            runs[c].append(measure(roster, method, k, cache, prompt, tokens, "optimised" if engine == "last" else engine,
-                                   impl))
-    rows = [_median_row(runs[c]) for c in configs]
+            method, k, cache, tokens, engine, impl, batch = c
+            engine = "optimised" if engine == "last" else engine
+            if rnd == 0 and (method == "hf-compiled" or (method == "roe" and compiles)):
+                t0 = time.perf_counter()  # the first run of this shape: compiles it (timed as a whole, kept apart)
+                first = measure(roster, method, k, cache, prompts[batch], tokens, engine, impl)
+                first_run[c] = first.prefill_ms / 1000 + first.ms_per_token * first.new_tokens / 1000
+                log(f"[bench] first run of {method} K={k} {cache or '-'} batch {batch}: "
+                    f"{time.perf_counter() - t0:.1f} s{' (compiled)' if first.compiled else ''}")
+            row = measure(roster, method, k, cache, prompts[batch], tokens, engine, impl, meter)
+            runs[c].append(row)
+            log(f"[bench {time.perf_counter() - start:7.1f} s] round {rnd + 1}/{repeats} {method} K={k} "
+                f"{cache or '-'} {engine} {impl or ''} batch {batch}: {row.ms_per_token:.2f} ms/token, "
+                f"{row.tokens_per_s:.1f} tok/s{' (compiled)' if row.compiled else ''}")
+            if checkpoint is not None:
+                checkpoint(current_rows(False), False)
+    rows = current_rows(True)
     counted = {}  # the counts depend on the method, K, cache and expert dispatch, not on the repeat or the timing
     config = roster.model.config
     for c, row in zip(configs, rows):
-        method, k, cache, tokens, engine, impl = c
-        if method in ("base", "roe") and engine in ("optimised", "last"):
+        method, k, cache, tokens, engine, impl, batch = c
+        if method in ("base", "roe") and engine in ("optimised", "last") and batch == 1:
             key = (method, k, cache, impl)
             if key not in counted:
                 r = roster.with_config(num_samples=k, cache=cache or "clean")
@@ -361,34 +656,65 @@ def run_bench(roster, ks, caches, prompt_tokens, new_tokens, naive_ks, naive_tok
                     config._experts_implementation = default
                 counted[key] = (sum(per_layer) / len(per_layer), weight_bytes_per_token(roster.model, per_layer), kernels)
             row.distinct_experts_per_layer, row.weight_bytes_per_token, row.kernels_per_token = counted[key]
+    if checkpoint is not None:
+        checkpoint(rows, True)
     return rows
 
 
-def reference_base(rows: list[BenchRow]) -> BenchRow:
-    """The faster of the base runs (first and last): ratios against it are conservative for RoE."""
-    default = rows[0].experts
-    return max((r for r in rows if r.method == "base" and r.experts == default), key=lambda r: r.tokens_per_s)
+COLUMNS = ("method", "K", "cache", "engine", "experts impl", "batch", "tokens", "tok/s", "x base", "x hf-compiled",
+           "ms/token", "prefill ms", "compiled", "compile s", "peak MiB", "KV KiB", "W", "J/token", "experts/layer",
+           "weights read", "kernels")
+
+
+def table_rows(rows: list[BenchRow]) -> list[tuple[str, ...]]:
+    base = reference_base(rows)
+
+    def f(value, fmt, none="-"):
+        return none if value is None else format(value, fmt)
+
+    out = []
+    for r in rows:
+        read = "-" if r.weight_bytes_per_token is None or base is None or base.weight_bytes_per_token is None \
+            else f"{r.weight_bytes_per_token / base.weight_bytes_per_token:.2f}x"
+        out.append((r.method, str(r.k), r.cache or "-", r.engine if r.method == "roe" else "-", r.experts or "-",
+                    str(r.batch), str(r.new_tokens), f"{r.tokens_per_s:.1f}", f(r.x_base, ".2f"),
+                    f(r.x_hf_compiled, ".2f"), f"{r.ms_per_token:.2f}", f"{r.prefill_ms:.1f}",
+                    "yes" if r.compiled else "no", f(r.compile_s, ".1f"), f"{r.peak_mem_bytes / 2**20:.0f}",
+                    "-" if r.kv_cache_bytes is None else f"{r.kv_cache_bytes / 1024:.0f}", f(r.power_w, ".0f"),
+                    f(r.energy_j_per_token, ".3f"), f(r.distinct_experts_per_layer, ".2f"), read,
+                    f(r.kernels_per_token, "d")))
+    return out
 
 
 def print_table(rows: list[BenchRow], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    body = table_rows(rows)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # a machine with torch and transformers only: plain text
+        widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
+        print(title)
+        for line in (COLUMNS, *body):
+            print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
+    else:
+        table = Table(title=title)
+        for col in COLUMNS:
+            table.add_column(col, justify="right")
+        for line in body:
+            table.add_row(*line)
+        Console(width=250).print(table)
+    notes = dict.fromkeys(f"{r.method}: {r.note}" for r in rows if r.note)
+    notes.update(dict.fromkeys([f"power: {rows[0].power_note}"] if rows and rows[0].power_note else []))
+    for note in notes:
+        print(f"note: {note}")
 
-    base = reference_base(rows)
-    table = Table(title=title)
-    for col in ("method", "K", "cache", "engine", "experts impl", "tokens", "tok/s", "x base", "ms/token",
-                "prefill ms", "peak MiB", "KV KiB", "experts/layer", "weights read", "kernels"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r.method, str(r.k), r.cache or "-", r.engine if r.method == "roe" else "-", r.experts or "-",
-                      str(r.new_tokens), f"{r.tokens_per_s:.1f}",
-                      f"{r.tokens_per_s / base.tokens_per_s:.2f}", f"{r.ms_per_token:.2f}", f"{r.prefill_ms:.1f}",
-                      f"{r.peak_mem_bytes / 2**20:.0f}", "-" if r.kv_cache_bytes is None else f"{r.kv_cache_bytes / 1024:.0f}",
-                      "-" if r.distinct_experts_per_layer is None else f"{r.distinct_experts_per_layer:.2f}",
-                      "-" if r.weight_bytes_per_token is None
-                      else f"{r.weight_bytes_per_token / base.weight_bytes_per_token:.2f}x",
-                      "-" if r.kernels_per_token is None else str(r.kernels_per_token))
-    Console(width=160).print(table)
+
+def _versions() -> dict:
+    import platform
+
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def cmd_bench(args) -> int:
@@ -401,29 +727,48 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--cache takes clean, full or clean,full; got {args.caches!r}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [1]
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
+    batch_ks = [int(k) for k in args.batch_k.split(",")] if args.batch_k else []
+    compile = getattr(args, "compile", None) or "auto"
     if args.model == "random-olmoe-1b-7b":
         model, tok = random_olmoe_1b_7b(args.device)
-        roster = RosterOfExperts(model, tok, __import__("roe").RoEConfig(tau=args.tau or 0.5, skip_layers=1))
+        roster = RosterOfExperts(model, tok, __import__("roe").RoEConfig(tau=args.tau or 0.5, skip_layers=1),
+                                 compile=compile)
     else:
         if args.tau is None:
             args.tau = 0.5  # large enough that noisy samples really pick other experts
         roster = load_roster(args)
+        roster.compile = compile
     torch.manual_seed(0)
-    rows = run_bench(roster, ks, caches, args.prompt_tokens, args.new_tokens,
-                     [int(k) for k in args.naive_k.split(",")] if args.naive_k else [],
-                     args.naive_tokens, [int(k) for k in args.independent_k.split(",")] if args.independent_k else [],
-                     experts_impls=args.experts_impls.split(",") if args.experts_impls else (),
-                     ablations=args.ablations, repeats=args.repeats)
     device = str(roster.model.device)
     if device == "cpu":
         device += f" ({torch.get_num_threads()} threads)"
     else:
         device += f" ({torch.cuda.get_device_name()})"
     title = f"roe bench: {args.model}, tau={roster.config.tau}, {args.prompt_tokens} prompt tokens, {device}"
+    meter = PowerMeter(roster.model.device)
+
+    def save(rows, complete):
+        if args.json:
+            doc = {"title": title, "complete": complete, "device": device, "compile": compile,
+                   "power": meter.note, "versions": _versions(), "rows": [asdict(r) for r in rows]}
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(tmp, args.json)
+
+    try:
+        rows = run_bench(roster, ks, caches, args.prompt_tokens, args.new_tokens,
+                         [int(k) for k in args.naive_k.split(",")] if args.naive_k else [],
+                         args.naive_tokens, [int(k) for k in args.independent_k.split(",")] if args.independent_k else [],
+                         experts_impls=args.experts_impls.split(",") if args.experts_impls else (),
+                         ablations=args.ablations, repeats=args.repeats, batch_sizes=batch_sizes, batch_ks=batch_ks,
+                         hf_baselines=not args.no_hf, meter=meter, checkpoint=save)
+    finally:
+        meter.close()
     print_table(rows, title)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"title": title, "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 0
 
 
@@ -431,17 +776,24 @@ def add_parser(sub) -> None:
     from .options import add_roe_options
 
     p = sub.add_parser("bench", help="latency, throughput and memory of RoE against the base model")
-    add_roe_options(p, k_list=True, cache_list=True)
+    add_roe_options(p, k_list=True, cache_list=True)  # includes --compile (RoE rows; hf-compiled compiles itself)
+    if "--compile" not in p._option_string_actions:
+        p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--independent-k", default="8", help="K values for the K-independent-passes baseline")
     p.add_argument("--naive-k", default="8", help="K values for the no-cache baseline (slow: keep small)")
     p.add_argument("--naive-tokens", type=int, default=16, help="new tokens for the no-cache baseline")
+    p.add_argument("--batch-sizes", default="1,16", help="prompts decoded together, comma-separated; each size "
+                   "above 1 adds a row set (base, hf-eager, hf-compiled, RoE at --batch-k) (default: 1,16)")
+    p.add_argument("--batch-k", default="8", help="K values of the batched RoE rows (default: 8)")
+    p.add_argument("--no-hf", action="store_true", help="leave out the hf-eager and hf-compiled rows "
+                   "(transformers' own generate)")
     p.add_argument("--experts-impls", default="", help="also measure these transformers experts implementations "
                    "(eager, batched_mm, grouped_mm), comma-separated")
     p.add_argument("--ablations", action="store_true", help="also measure RoE with each engine optimisation "
                    "switched off (the before/after rows)")
     p.add_argument("--repeats", type=int, default=1, help="measure every row this many times (interleaved) and "
                    "keep the median")
-    p.add_argument("--json", help="write the rows as JSON")
+    p.add_argument("--json", help="write the rows as JSON (rewritten after every measurement while the run lasts)")
     p.set_defaults(func=cmd_bench)
