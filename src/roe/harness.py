@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry
+from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from .config import RoEConfig
@@ -30,16 +32,50 @@ def _number(value, kind, name):
         raise ValueError(f"model_args {name} must be a {kind.__name__}, got {value!r}") from None
 
 
+def _dtype(value):
+    """lm-eval's `hf` spellings: "auto" (the checkpoint's own dtype, the default as in `hf`) or a torch dtype name."""
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return "auto" if value is None else value
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model_args dtype must be auto or a torch dtype such as bfloat16, float16, float32; "
+                         f"got {value!r}")
+    return dtype
+
+
+def _generation_args(gen_kwargs: dict, default_max: int) -> dict:
+    """lm-eval's generation kwargs, read as its `hf` model reads them -> RosterOfExperts.generate's kwargs."""
+    kwargs = dict(gen_kwargs or {})
+    until = kwargs.pop("until", None) or []
+    until = [until] if isinstance(until, str) else list(until)
+    max_new = default_max
+    for alias in ("max_completion_tokens", "max_tokens", "max_new_tokens", "max_gen_toks"):  # lowest priority first
+        if kwargs.get(alias) is not None:
+            max_new = kwargs[alias]
+        kwargs.pop(alias, None)
+    temperature = float(kwargs.pop("temperature", 0.0))
+    do_sample = kwargs.pop("do_sample", None)
+    do_sample = temperature > 0.0 if do_sample is None else bool(do_sample) and temperature > 0.0
+    top_p = float(kwargs.pop("top_p", 1.0))
+    if kwargs:
+        raise ValueError(f"generation arguments roe does not support: {', '.join(sorted(kwargs))}")
+    out = dict(max_new_tokens=int(max_new), do_sample=do_sample, stop=until or None)
+    if do_sample:
+        out.update(temperature=temperature, top_p=top_p)
+    return out
+
+
 class RoELM(LM):
     def __init__(self, pretrained: str = "builtin", num_samples=None, tau=None, skip_layers=None, aggregate=None,
-                 cache=None, seed=None, profile=None, device: str = "cpu", dtype=None, batch_size=8,
-                 max_gen_toks: int = 256, trust_remote_code: bool = False, **unknown):
+                 cache=None, seed=None, profile=None, device: str = "cpu", dtype="auto", batch_size=8,
+                 max_gen_toks: int = 256, trust_remote_code: bool = False, compile: str = "auto", **unknown):
         super().__init__()
         unknown.pop("max_length", None)
         if unknown:
             raise ValueError(f"unknown model_args for roe: {', '.join(sorted(unknown))}")
-        roster = RosterOfExperts.from_pretrained(pretrained, device=device, dtype=dtype,
-                                                 trust_remote_code=str(trust_remote_code).lower() == "true")
+        roster = RosterOfExperts.from_pretrained(pretrained, device=device, dtype=_dtype(dtype),
+                                                 trust_remote_code=str(trust_remote_code).lower() == "true",
+                                                 compile=str(compile))
         base = RoEConfig.from_profile(profile) if profile else roster.config
         changes = {}
         if num_samples is not None:
@@ -55,7 +91,7 @@ class RoELM(LM):
             changes["cache"] = cache
         if seed is not None:
             changes["seed"] = _number(seed, int, "seed")
-        self.roster = RosterOfExperts(roster.model, roster.tokenizer, base.replace(**changes))
+        self.roster = RosterOfExperts(roster.model, roster.tokenizer, base.replace(**changes), compile=roster.compile)
         self.batch_size = _number(batch_size, int, "batch_size") if batch_size != "auto" else 8
         self.max_gen_toks = _number(max_gen_toks, int, "max_gen_toks")
 
@@ -89,25 +125,23 @@ class RoELM(LM):
         return [float(lp.sum()) for lp, _ in self._score(pairs, disable_tqdm)]
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        """Requests with the same generation arguments go through `generate` together, `batch_size` at a time,
+        in the order lm-eval's `hf` model batches them (longest context first), so the padded batches are the same."""
+        tokenizer = self.roster.tokenizer
+
+        def longest_first(args):
+            return -len(tokenizer(args[0], add_special_tokens=True)["input_ids"]), args[0]
+
+        batches = Collator([req.args for req in requests], sort_fn=longest_first, group_by="gen_kwargs",
+                           group_fn=lambda args: args[1])
         out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="roe generate_until"):
-            context, kwargs = req.args
-            kwargs = dict(kwargs or {})
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            do_sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 0.0))
-            if temperature == 0.0:
-                do_sample = False
-            sampling = dict(temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0))) if do_sample else {}
-            kwargs.pop("top_p", None)
-            if kwargs:
-                raise ValueError(f"generation arguments roe does not support: {', '.join(sorted(kwargs))}")
-            (text,) = self.roster.generate(context, max_new_tokens=max_new, do_sample=do_sample, stop=until or None,
-                                           **sampling)
-            out.append(text)
-        return out
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="roe generate_until")
+        for chunk in batches.get_batched(n=self.batch_size):
+            contexts = [context for context, _ in chunk]
+            out += self.roster.generate(contexts, **_generation_args(chunk[0][1], self.max_gen_toks))
+            bar.update(len(chunk))
+        bar.close()
+        return batches.get_original(out)
 
 
 import lm_eval.models  # noqa: E402,F401  (lm-eval's own models first: an empty registry is filled lazily)
