@@ -14,9 +14,9 @@ from .config import RoEConfig
 from .engine import RoEPass
 from .generate import Completion, SamplingParams, decode_steps, new_text
 from .routing import SEED_RANGE, layer_taus
-from .score import continuation_logprobs
+from .score import SCORE_BATCH  # noqa: F401  (re-exported: it lived here before)
+from .score import DEFAULT_SCORE_MEMORY, check_budget, chunk_shape, continuation_logprobs, logit_width
 
-SCORE_BATCH = 8
 COMPILE_MODES = ("auto", "on", "off")
 
 
@@ -32,12 +32,21 @@ class StreamPiece(str):
 
 
 class RosterOfExperts:
-    """Wrap an already-loaded transformers MoE model (the weights are shared, never copied)."""
+    """Wrap an already-loaded transformers MoE model (the weights are shared, never copied).
 
-    def __init__(self, model, tokenizer, roe: RoEConfig | None = None, compile: str = "auto"):
+    score_memory_bytes bounds the logits one scoring forward holds (`score`, `perplexity`, `token_logprobs`):
+    items x positions x K x V logits in the model's dtype plus the float32 copies the aggregation makes stay
+    within it (default 1 GiB), so scoring memory does not grow with K. The floor is one item and one position
+    per forward (K x V logits), which runs even when it exceeds the budget; None: no bound (8 items x 64
+    positions per forward). Scores do not depend on it, up to float rounding.
+    """
+
+    def __init__(self, model, tokenizer, roe: RoEConfig | None = None, compile: str = "auto",
+                 score_memory_bytes: int | None = DEFAULT_SCORE_MEMORY):
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.compile = compile  # the decode step: "auto" compiles it on CUDA, "on" everywhere, "off" never
+        self.score_memory_bytes = check_budget(score_memory_bytes)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = roe if roe is not None else RoEConfig()
@@ -64,9 +73,12 @@ class RosterOfExperts:
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
         compile: str = "auto",
+        score_memory_bytes: int | None = DEFAULT_SCORE_MEMORY,
         **model_kwargs,
     ) -> RosterOfExperts:
-        """Load a checkpoint (a local folder, a hub id, or `builtin[:size]`) with safetensors only."""
+        """Load a checkpoint (a local folder, a hub id, or `builtin[:size]`) with safetensors only.
+        compile and score_memory_bytes: as in the constructor."""
+        check_budget(score_memory_bytes)  # before loading the weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from .builtin import resolve_model
@@ -87,24 +99,36 @@ class RosterOfExperts:
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **model_kwargs
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, roe, compile=compile)
+        return cls(model, tokenizer, roe, compile=compile, score_memory_bytes=score_memory_bytes)
 
     def with_config(self, **changes) -> RosterOfExperts:
-        """The same weights with other RoE settings (no reload)."""
-        return RosterOfExperts(self.model, self.tokenizer, self.config.replace(**changes), compile=self.compile)
+        """The same weights with other RoE settings (no reload); `compile` and `score_memory_bytes` may change
+        too, and are carried over otherwise."""
+        compile = changes.pop("compile", self.compile)
+        budget = changes.pop("score_memory_bytes", self.score_memory_bytes)
+        return RosterOfExperts(self.model, self.tokenizer, self.config.replace(**changes), compile=compile,
+                               score_memory_bytes=budget)
 
     def unwrap(self):
         """Remove RoE's hooks from the model and return it, exactly as it was."""
         adapters.unpatch(self.model)
         return self.model
 
-    def new_pass(self, seeds: list[int], record_experts: bool = False, **engine_options) -> RoEPass:
-        """A batched run for len(seeds) prompts; engine_options switch engine optimisations off (see RoEPass)."""
+    def new_pass(self, seeds: list[int], record_experts: bool = False, capacity: int | None = None,
+                 **engine_options) -> RoEPass:
+        """A batched run for len(seeds) prompts over `capacity` cache slots (prompt width + new tokens; it grows
+        when exceeded); engine_options switch engine optimisations off (see RoEPass)."""
         if getattr(self.model, "_roe_hooks", None) is None:  # another roster on this model unwrapped it
             adapters.patch(self.model)
         c = self.config
         return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts,
-                       **engine_options)
+                       aggregate=c.aggregate, capacity=capacity, compile=self.compile_backend, **engine_options)
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend of the decode step: inductor on CUDA under "auto", everywhere under "on"."""
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        return "inductor" if self.compile == "on" or (self.compile == "auto" and on_cuda) else None
 
     # ---- input checks -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, reserve: int = 0) -> list[int]:
@@ -270,10 +294,13 @@ class RosterOfExperts:
 
     def token_logprobs(self, pairs: list[tuple[list[int], list[int]]], with_greedy: bool = False) -> list:
         """Per-token log-probs of each (context_ids, continuation_ids); with_greedy: (log-probs, is_greedy) pairs."""
+        vocab, logit_bytes = logit_width(self.model)
+        items, positions = chunk_shape(self.config.num_samples, vocab, logit_bytes, self.score_memory_bytes,
+                                       len(pairs))
         out = []
-        for i in range(0, len(pairs), SCORE_BATCH):
-            batch = pairs[i : i + SCORE_BATCH]
-            out += continuation_logprobs(self, batch, [self.config.seed] * len(batch))
+        for i in range(0, len(pairs), items):
+            batch = pairs[i : i + items]
+            out += continuation_logprobs(self, batch, [self.config.seed] * len(batch), positions)
         return out if with_greedy else [lp for lp, _ in out]
 
     def score(self, contexts: str | Sequence[str], continuations: str | Sequence[str]) -> list[float]:
