@@ -95,6 +95,12 @@ class RoELM(LM):
         self.batch_size = _number(batch_size, int, "batch_size") if batch_size != "auto" else 8
         self.max_gen_toks = _number(max_gen_toks, int, "max_gen_toks")
 
+    def get_model_info(self) -> dict:
+        """What lm-eval records in the results' config (as for its `hf` model), plus the RoE settings."""
+        model = self.roster.model
+        return {"model_num_parameters": sum(p.numel() for p in model.parameters()), "model_dtype": str(model.dtype),
+                "roe": self.roster.config.to_dict(), "roe_compile": self.roster.compile}
+
     def _score(self, pairs, disable_tqdm):
         results = []
         bar = tqdm(total=len(pairs), disable=disable_tqdm, desc="roe loglikelihood")
