@@ -10,6 +10,7 @@ from roe import RoEConfig, RosterOfExperts
 from roe.adapters import ACTIVE, RoutingNoise
 from roe.engine import aggregate
 from roe.routing import python_gumbel
+from tiny import SLIDING
 
 K, TAU, SEED = 4, 0.8, 5
 
@@ -57,7 +58,7 @@ def reference_next_logprobs(roster, tokens, cache):
     return aggregate(torch.stack(logits)[None], roster.config.aggregate)[0]
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", *SLIDING])
 @pytest.mark.parametrize("cache", ["clean", "full"])
 @pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt
 def test_batched_engine_matches_reference(arch, cache, skip, tiny_path):

@@ -37,6 +37,15 @@ ARCHS = {
                          moe_num_shared_experts=0, head_dim=8),
 }
 
+# sliding-window variants of the architectures that have one: name -> (model_type, config overrides).
+# The window (4) is shorter than the test prompts plus their generations, so it changes the outputs.
+SLIDING = {
+    "mixtral-sliding": ("mixtral", dict(sliding_window=4)),
+    "qwen2_moe-sliding": ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4, max_window_layers=4)),
+    "qwen3_moe-sliding": ("qwen3_moe", dict(use_sliding_window=True, sliding_window=4)),
+    "dots1-sliding": ("dots1", dict(sliding_window=4, max_window_layers=2)),
+}
+
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
 
@@ -51,7 +60,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(arch: str, seed: int = 0):
-    cfg = AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch]})
+    model_type, overrides = SLIDING.get(arch, (arch, {}))
+    cfg = AutoConfig.for_model(model_type, **{**COMMON, **ARCHS[model_type], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # random routers spread over experts; a larger init makes routing decisive
