@@ -344,7 +344,8 @@ class RoEPass:
 
     capacity: cache slots to preallocate (prompt width + new tokens; rounded up to CAPACITY_STEP); a longer
     run grows the buffers. compile: None (eager), or a torch.compile backend ("inductor"; "eager" only
-    traces) for the decode step of the clean cache; on CUDA it runs as CUDA graphs.
+    traces; or a backend callable) for the decode step of the clean cache; inductor on CUDA replays it as
+    CUDA graphs. The full cache and expert recording always run eagerly.
     share_layers, fold_samples and choose_dispatch switch off the engine's optimisations (shared leading
     layers; the clean history read once for all samples; expert dispatch chosen per layer shape, see
     experts.py) for the benchmark's before/after rows; results are the same either way, up to float rounding.
@@ -505,10 +506,10 @@ def decode_step(run: RoEPass, ids: torch.Tensor, alive: torch.Tensor) -> torch.T
     return aggregate(logits.view(B, -1, logits.shape[-1]), run.how)  # [B*K or B, 1, V] -> [B, V]
 
 
-_COMPILED: dict[tuple[str, str], object] = {}
+_COMPILED: dict[tuple, object] = {}
 
 
-def compiled_decode(backend: str, device_type: str):
+def compiled_decode(backend, device_type: str):
     """`decode_step` compiled once per (backend, device type); torch.compile keeps one graph per shape."""
     key = (backend, device_type)
     if key not in _COMPILED:

@@ -117,12 +117,13 @@ class RosterOfExperts:
     def new_pass(self, seeds: list[int], record_experts: bool = False, capacity: int | None = None,
                  **engine_options) -> RoEPass:
         """A batched run for len(seeds) prompts over `capacity` cache slots (prompt width + new tokens; it grows
-        when exceeded); engine_options switch engine optimisations off (see RoEPass)."""
+        when exceeded); engine_options switch engine optimisations off or choose a compile backend (see RoEPass)."""
         if getattr(self.model, "_roe_hooks", None) is None:  # another roster on this model unwrapped it
             adapters.patch(self.model)
         c = self.config
+        engine_options.setdefault("compile", self.compile_backend)
         return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts,
-                       aggregate=c.aggregate, capacity=capacity, compile=self.compile_backend, **engine_options)
+                       aggregate=c.aggregate, capacity=capacity, **engine_options)
 
     @property
     def compile_backend(self) -> str | None:

@@ -1,0 +1,115 @@
+"""The static decode step: one graph without breaks, no device-to-host waits, the same numbers as eager."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from roe import RoEConfig, RosterOfExperts
+from roe.engine import decode_step, pad_batch
+from tiny import SLIDING
+
+PROMPTS = ["The cat sat", "2+2=4; 3"]
+STEPS = 6
+# ops that make the host wait for the device: a scalar read back, or an output whose shape depends on data
+SYNCING_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+               "_unique", "_unique2", "unique_consecutive", "unique_dim"}
+
+
+def _roster(path, **cfg):
+    roster = RosterOfExperts.from_pretrained(path, roe=RoEConfig(**{"num_samples": 4, "tau": 0.8, "skip_layers": 1,
+                                                                    "seed": 3, **cfg}))
+    roster.eos_token_ids = set()
+    return roster
+
+
+def _decode_all(roster, compile, seeds=(3, 9)):
+    """Prefill the prompts, then STEPS decode steps of greedy tokens; the aggregated log-probs of every step."""
+    ids = [roster.tokenizer(p).input_ids for p in PROMPTS]
+    batch, mask = pad_batch(ids, max(map(len, ids)), roster.pad_token_id, left=True)
+    run = roster.new_pass(list(seeds), capacity=batch.shape[1] + STEPS, compile=compile)
+    run.prefill(batch[:, :-1], mask[:, :-1])
+    current, out = batch[:, -1:], []
+    for _ in range(STEPS):
+        logprobs = run.decode(current)
+        out.append(logprobs)
+        current = logprobs.argmax(-1, keepdim=True)
+    return torch.stack(out, 1), run
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "qwen2_moe-sliding"])
+def test_decode_step_is_one_graph_that_matches_eager(arch, tiny_path):
+    """fullgraph=True raises on any graph break; a counting backend shows one graph for every step and pass."""
+    roster = _roster(tiny_path(arch))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    eager, _ = _decode_all(roster, compile=None)
+    compiled, run = _decode_all(roster, compile=counting_backend)
+    again, _ = _decode_all(roster, compile=counting_backend, seeds=(5, 6))  # a new pass of the same shape
+    assert len(graphs) == 1  # traced once: no break, no recompilation per step or per pass
+    assert run.length == run.cache.length and run.length < run.capacity
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(again, compiled)  # other seeds, other noise: the graph does not bake the noise in
+
+
+def test_the_compiled_step_grows_past_its_capacity_eagerly(tiny_path):
+    roster = _roster(tiny_path("olmoe"))
+    ids = torch.tensor([roster.tokenizer("abc").input_ids])
+    run = roster.new_pass([0], capacity=4, compile="eager")
+    run.prefill(ids[:, :-1], torch.ones_like(ids[:, :-1], dtype=torch.bool))
+    reference = roster.new_pass([0], capacity=512)
+    reference.prefill(ids[:, :-1], torch.ones_like(ids[:, :-1], dtype=torch.bool))
+    current = ids[:, -1:]
+    capacity = run.capacity
+    for _ in range(capacity + 3):  # past the first capacity: the buffers grow, the results do not change
+        got, want = run.decode(current), reference.decode(current)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        current = got.argmax(-1, keepdim=True)
+    assert run.capacity > capacity
+
+
+class _HostWaits(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.waits = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        self.ops.append(name)
+        if name in SYNCING_OPS:
+            self.waits.append(name)
+        if name in ("_to_copy", "copy_"):  # a copy from an accelerator to the host waits for it
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device") or src.device
+            if src.device.type != "cpu" and torch.device(dst).type == "cpu":
+                self.waits.append(f"{name} {src.device}->cpu")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "gpt_oss"])
+def test_decode_step_never_waits_for_the_device(arch, tiny_path):
+    roster = _roster(tiny_path(arch))
+    ids = [roster.tokenizer(p).input_ids for p in PROMPTS]
+    batch, mask = pad_batch(ids, max(map(len, ids)), roster.pad_token_id, left=True)
+    run = roster.new_pass([1, 2], capacity=batch.shape[1] + 4)
+    run.prefill(batch[:, :-1], mask[:, :-1])
+    step = run._step(run.k, run.next_pos, run.slot, run.valid)
+    alive = torch.tensor([True, False])
+    with _HostWaits() as mode:
+        run._call(step, decode_step, run, batch[:, -1:].contiguous(), alive)  # the body torch.compile traces
+    assert "mm" in mode.ops or "bmm" in mode.ops or "matmul" in mode.ops or "addmm" in mode.ops  # it did run
+    assert mode.waits == []
+
+
+def test_sync_detector_catches_a_scalar_read(tiny_path):
+    """The detector above is not blind: the eager generation loop's .item()-style reads are caught."""
+    with _HostWaits() as mode:
+        torch.ones(3).sum().item()
+        torch.tensor([0, 1, 1]).nonzero()
+    assert mode.waits == ["_local_scalar_dense", "nonzero"]
+
