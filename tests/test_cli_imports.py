@@ -41,7 +41,8 @@ except SystemExit as e:
     assert e.code == 0, e.code
 after_help = sorted(m for m in sys.modules if m.startswith("roe."))
 rc = main(["bench", "--model", "builtin", "-k", "2", "--prompt-tokens", "4", "--new-tokens", "2", "--cache", "clean",
-           "--independent-k", "", "--naive-k", "", "--compile", "off", "--json", {str(out)!r}])
+           "--independent-k", "", "--naive-k", "", "--batch-sizes", "1", "--no-hf", "--compile", "off",
+           "--json", {str(out)!r}])
 print("RESULT" + json.dumps({{"top": top, "after_help": after_help, "rc": rc}}))
 """)
     assert proc.returncode == 0, proc.stderr[-3000:]
