@@ -92,11 +92,20 @@ class _Step:
         return self.remember("noisy_rows", make)
 
     def noise_for(self, layer: int, num_experts: int) -> torch.Tensor:
-        """The tau-scaled Gumbel noise of MoE layer `layer` for every row: [B*K*S, E] (clean rows ignore theirs)."""
-        B, S = self.positions.shape
-        sample = torch.arange(self.k, device=self.positions.device)[None, :, None]  # [1, K, 1]
-        g = gumbel_noise(self.seeds[:, None, None], self.positions[:, None, :], sample, layer, num_experts)
-        return (g * self.taus[layer]).reshape(B * self.k * S, num_experts)  # [B*K*S, E]
+        """The tau-scaled Gumbel noise of MoE layer `layer` for every row: [B*K*S, E] (clean rows ignore theirs).
+
+        Drawn for every noisy layer at once, when the first one asks (one chain of integer ops, not one per layer).
+        """
+        def make():
+            B, S = self.positions.shape
+            device = self.positions.device
+            layers = sorted(self.noisy)
+            sample = torch.arange(self.k, device=device)[None, :, None]  # [1, K, 1]
+            ids = torch.tensor(layers, device=device)[:, None, None, None]  # [Ln, 1, 1, 1]
+            g = gumbel_noise(self.seeds[:, None, None], self.positions[:, None, :], sample, ids, num_experts)
+            g = g * self.taus[ids][..., None]  # [Ln, B, K, S, E]
+            return {m: g[i].reshape(B * self.k * S, num_experts) for i, m in enumerate(layers)}
+        return self.remember(("noise", num_experts), make)[layer]
 
     def widen(self, layer: int, args, kwargs):
         """Layer pre-hook: from the fan-out layer on, give every batch-sized input K rows per prompt."""
@@ -386,6 +395,11 @@ class RoEPass:
         if cuda_graphs:
             for t in (self.valid, self.next_pos, self.slot):
                 torch._dynamo.mark_static_address(t)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run through torch.compile (once the cache holds its first chunk)."""
+        return self.compile is not None
 
     def kv_cache_bytes(self) -> int:
         return cache_bytes(self.cache)

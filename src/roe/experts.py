@@ -8,7 +8,8 @@ runs every expert on every row in one batched matrix product per projection and
 zeroes the unchosen ones through the routing weights: E/k times the arithmetic, a
 few kernel calls. It wins while a layer's experts are small (measured by
 `benchmarks/expert_dispatch.py`); for large experts it would read weights no row
-asked for, so `auto` keeps transformers' kernel there. The rule is fixed, not timed
+asked for, so `auto` keeps transformers' kernel there, and in 16-bit weights, whose rounding
+the dense path would change. The rule is fixed, not timed
 at run time, so the same inputs always take the same arithmetic path.
 """
 
@@ -56,7 +57,9 @@ def dense_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: tor
 def prefers_dense(experts, rows: int) -> bool:
     up, down = _expert_weights(experts)
     weight_bytes = (up.numel() + down.numel()) * up.element_size()
-    return (up.device.type == "cpu" and weight_bytes <= DENSE_MAX_WEIGHT_BYTES
+    # float32 only: in 16 bits the dense path's rounding (a float32 weighted sum of every expert's output)
+    # differs from transformers' kernel, and a greedy token near a tie would differ from the model's own
+    return (up.device.type == "cpu" and up.dtype == torch.float32 and weight_bytes <= DENSE_MAX_WEIGHT_BYTES
             and rows * max(up.shape[1:]) * up.shape[0] <= DENSE_MAX_ELEMENTS)
 
 

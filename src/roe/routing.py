@@ -44,15 +44,16 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _srl(x, 31)
 
 
-def noise_key(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tensor, layer: int) -> torch.Tensor:
+def noise_key(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tensor,
+              layer: int | torch.Tensor) -> torch.Tensor:
     """A 64-bit key per (seed, position, sample, MoE layer); broadcastable int64 tensors in, int64 out."""
     h = _mix(seed.long() + _signed(_GAMMA))
     h = _mix(h ^ position.long())
     h = _mix(h ^ sample.long())
-    return _mix(h ^ int(layer))
+    return _mix(h ^ (layer.long() if isinstance(layer, torch.Tensor) else int(layer)))
 
 
-def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tensor, layer: int,
+def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tensor, layer: int | torch.Tensor,
                  num_experts: int) -> torch.Tensor:
     """Standard Gumbel noise [..., num_experts] (float32) for (seed, position, sample, MoE layer, expert).
 
