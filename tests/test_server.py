@@ -13,7 +13,7 @@ import uvicorn
 
 from roe import RoEConfig, RosterOfExperts
 from roe.score import continuation_logprobs
-from roe.server import Limits, create_app
+from roe.server import Limits, create_app, serve_limits
 
 KEY = "test-key"
 
@@ -241,7 +241,7 @@ BASE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
         ({**BASE, "seed": 2**63 - 1, "n": 2}, 400, "seed + n - 1 must be < 2**63"),
         ({**BASE, "logprobs": 21}, 400, "logprobs"),
         ({**BASE, "logprobs": 1, "stream": True}, 400, "logprobs are not supported with stream"),
-        ({**BASE, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop sequences"),
+        ({**BASE, "stop": ["s"] * 17}, 400, "at most 16 stop sequences"),
         ({**BASE, "stop": 5}, 400, "stop must be a string or a list of strings"),
         ({**BASE, "frequency_penalty": 1}, 400, "frequency_penalty and presence_penalty are not supported"),
         ({**BASE, "best_of": 2}, 400, "unsupported parameter: best_of"),
@@ -288,6 +288,19 @@ def test_malformed_bodies_and_auth(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = httpx.get(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 405 and "method GET is not allowed" in r.json()["error"]["message"]
+
+
+def test_serve_limits_fit_the_context():
+    from argparse import Namespace
+
+    flags = dict(max_k=64, max_queue=64)
+    limits = serve_limits(Namespace(max_tokens=None, max_prompt_tokens=None, **flags), 512)
+    assert (limits.max_tokens, limits.max_prompt_tokens) == (511, 511)  # 512 could never succeed in a 512 context
+    assert serve_limits(Namespace(max_tokens=None, max_prompt_tokens=None, **flags), 8192).max_tokens == 512
+    for bad in (dict(max_tokens=512, max_prompt_tokens=None), dict(max_tokens=None, max_prompt_tokens=600),
+                dict(max_tokens=0, max_prompt_tokens=None)):
+        with pytest.raises(ValueError, match="--max-"):
+            serve_limits(Namespace(**bad, **flags), 512)
 
 
 def test_docs_open_without_a_key(roster):
