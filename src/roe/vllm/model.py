@@ -85,6 +85,7 @@ class RoEMixin:
         from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
 
         self._roe = cfg
+        self._roe_record: list | None = None  # set to a list to record (MoE ordinal, noisy experts [rows, k])
         self._roe_step: _Step | None = None
         self._roe_hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # (clean rows at idx, noisy rows)
         layers = self.model.layers
@@ -261,6 +262,8 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
         noisy_w = probs.gather(-1, noisy_idx)
         if renormalize:
             noisy_w = noisy_w / noisy_w.sum(dim=-1, keepdim=True)
+        if model._roe_record is not None:  # tests and diagnostics: the experts each noisy row visited
+            model._roe_record.append((ordinal, noisy_idx.cpu()))
         weights = torch.cat([weights[:n], noisy_w.to(weights.dtype)]).contiguous()
         ids = torch.cat([ids[:n], noisy_idx.to(ids.dtype)]).contiguous()
         return weights, ids

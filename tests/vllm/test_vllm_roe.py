@@ -1,0 +1,135 @@
+"""RoE inside vLLM == the project's engine, token for token, on every architecture the plugin supports.
+
+Per architecture, one fixture starts the engines once (plain vLLM; `roe` with K = 1; K = 8 with tau = 0;
+K = 8 with tau > 0) and records what the tests below compare. Greedy decoding, float32, clean cache.
+"""
+
+import pytest
+
+from conftest import engine_reference, start_llm, stop_llm
+
+ARCHS = ["olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "granitemoe"]
+FULL = ["olmoe", "mixtral", "qwen3_moe"]  # also started with K = 1 and with tau = 0 (two engines more each)
+PROMPTS = ["Hello world", "abc", "The quick brown fox jumps over", "x", "0123456789", "Roster of Experts!"]
+# continuous batching: (step at which the request arrives, prompt, max_tokens)
+ARRIVALS = [(0, "The quick brown fox jumps over", 12), (0, "x", 5), (3, "Hello world", 12),
+            (5, "0123456789", 8), (8, "abc", 12), (8, "Roster of Experts!", 10)]
+NEW = 12
+ROE = dict(num_samples=8, tau=0.5, skip_layers=1, seed=0)
+LOGPROB_TOL = 2e-3  # |vLLM - engine| per token, natural log, float32 (different attention/MoE kernels)
+
+
+def _greedy(llm, prompts, n=NEW, logprobs=None):
+    from vllm import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, logprobs=logprobs), use_tqdm=False)
+    return outs
+
+
+def _continuous(llm):
+    """Requests arrive while others decode: mixed prefill/decode steps with sequences of different lengths."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    done, step, pending = {}, 0, list(enumerate(ARRIVALS))
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, n) = pending.pop(0)
+            engine.add_request(f"c{i}", prompt, SamplingParams(max_tokens=n, temperature=0))
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id[1:])] = list(out.outputs[0].token_ids)
+        step += 1
+        assert step < 500
+    return [done[i] for i in range(len(ARRIVALS))]
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint, tmp_path_factory):
+    """The engine's tokens and log-probs for every architecture, from one run of the main environment."""
+    jobs = []
+    for arch in ARCHS:
+        path = checkpoint(arch)
+        jobs.append({"path": path, "roe": {**ROE, "cache": "clean"}, "prompts": PROMPTS, "max_new_tokens": NEW})
+        jobs.append({"path": path, "roe": {**ROE, "cache": "clean"}, "prompts": [p for _, p, _ in ARRIVALS],
+                     "max_new_tokens": NEW})
+    out = engine_reference(jobs, tmp_path_factory.mktemp("reference"))
+    return {arch: (out[2 * i], out[2 * i + 1]) for i, arch in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoint, references):
+    cache = {}
+
+    def get(arch):
+        if arch in cache:
+            return cache[arch]
+        path = checkpoint(arch)
+        r = {"engine": references[arch]}
+        llm = start_llm(path)
+        outs = _greedy(llm, PROMPTS)
+        r["plain"] = [list(o.outputs[0].token_ids) for o in outs]
+        r["prompt_ids"] = [list(o.prompt_token_ids) for o in outs]
+        stop_llm(llm)
+        if arch in FULL:
+            llm = start_llm(path, roe={**ROE, "num_samples": 1})
+            r["k1"] = [list(o.outputs[0].token_ids) for o in _greedy(llm, PROMPTS)]
+            stop_llm(llm)
+            llm = start_llm(path, roe={**ROE, "tau": 0.0})
+            r["tau0"] = [list(o.outputs[0].token_ids) for o in _greedy(llm, PROMPTS)]
+            stop_llm(llm)
+        llm = start_llm(path, roe=ROE)
+        llm.apply_model(lambda model: setattr(model, "_roe_record", []))
+        outs = _greedy(llm, PROMPTS, logprobs=0)
+        r["roe"] = [list(o.outputs[0].token_ids) for o in outs]
+        r["roe_logprobs"] = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                             for o in outs]
+        r["record"] = llm.apply_model(lambda model: model._roe_record)[0]
+        r["continuous"] = _continuous(llm)
+        stop_llm(llm)
+        cache[arch] = r
+        return r
+
+    return get
+
+
+@pytest.mark.parametrize("arch", FULL)
+def test_roe_off_is_plain_vllm(runs, arch):
+    """plain vLLM == `roe` with K = 1 == `roe` with K = 8 and tau = 0, token for token."""
+    r = runs(arch)
+    assert r["k1"] == r["plain"]
+    assert r["tau0"] == r["plain"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_roe_matches_engine(runs, arch):
+    """K = 8, tau = 0.5: vLLM's tokens == the engine's (clean cache, same seed), log-probs within LOGPROB_TOL."""
+    r = runs(arch)
+    ref = r["engine"][0]
+    assert r["prompt_ids"] == [x["prompt_ids"] for x in ref]  # the same prompts reached both
+    assert r["roe"] == [x["token_ids"] for x in ref]
+    worst = max(abs(a - b) for got, x in zip(r["roe_logprobs"], ref) for a, b in zip(got, x["logprobs"]))
+    assert worst < LOGPROB_TOL, worst
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_roe_continuous_batching_matches_engine(runs, arch):
+    """Requests arriving while others decode (different lengths, mixed prefill/decode steps) get the same tokens."""
+    r = runs(arch)
+    ref = r["engine"][1]
+    for got, x, (_, _, n) in zip(r["continuous"], ref, ARRIVALS):
+        assert got == x["token_ids"][:n]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_noise_is_active(runs, arch):
+    """The noise changes some tokens, and noisy rows visit more distinct experts per layer than top-k."""
+    r = runs(arch)
+    assert r["roe"] != r["plain"]
+    record, top_k = r["record"], 2
+    assert record, "no noisy routing was recorded"
+    per_layer = {}
+    for ordinal, idx in record:
+        per_layer.setdefault(ordinal, set()).update(idx[:7].flatten().tolist())  # the 7 noisy rows of one token
+    assert set(per_layer) == {1, 2}  # skip_layers=1 of 4 MoE layers: the middle two are noisy
+    assert all(len(s) > top_k for s in per_layer.values()), per_layer
