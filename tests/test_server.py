@@ -13,7 +13,7 @@ import uvicorn
 
 from roe import RoEConfig, RosterOfExperts
 from roe.score import continuation_logprobs
-from roe.server import Limits, create_app, serve_limits
+from roe.server import Limits, create_app, make_server, serve_limits
 
 KEY = "test-key"
 
@@ -25,10 +25,13 @@ def _free_port():
 
 
 class _Server:
-    def __init__(self, app):
+    def __init__(self, app, graceful_timeout=None):
         self.app = app
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        if graceful_timeout is None:
+            self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        else:  # `roe serve`'s server: queued jobs answer 503 at shutdown, running ones get graceful_timeout seconds
+            self.server = make_server(app, "127.0.0.1", self.port, graceful_timeout)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(200):
@@ -388,34 +391,40 @@ def test_clients_that_leave_free_the_queue_and_the_worker(roster, monkeypatch):
         s.stop()
 
 
-def test_shutdown_answers_queued_jobs_503(roster, monkeypatch):
+def test_shutdown_answers_queued_503_and_bounds_the_wait(roster, monkeypatch):
+    """Shutdown (what SIGTERM triggers; tests/test_server_process.py sends a real one): queued jobs answer 503 at
+    once, new ones too, and a running job that outlasts the graceful timeout answers 503 instead of a hang."""
     import roe.server as server_module
 
     real = server_module.decode_steps
 
     def slow(*args):
         for outs in real(*args):
-            time.sleep(0.05)
+            time.sleep(0.1)  # 32 steps: 3.2 s, longer than the 0.5 s graceful timeout
             yield outs
 
     monkeypatch.setattr(server_module, "decode_steps", slow)
-    app = create_app(roster, "tiny", Limits(max_tokens=16))
-    s = _Server(app)
+    s = _Server(create_app(roster, "tiny", Limits(max_tokens=32)), graceful_timeout=0.5)
     try:
         async def main():
             async with httpx.AsyncClient(timeout=60) as c:
                 reqs = [asyncio.ensure_future(c.post(s.url + "/v1/completions",
-                                                     json={**BASE, "max_tokens": 16, "roe": {"tau": 0.05 * i}}))
+                                                     json={**BASE, "max_tokens": 32, "roe": {"tau": 0.05 * i}}))
                         for i in range(4)]
-                await asyncio.to_thread(_poll, s.url, lambda h: h["queued"] == 3)
-                app.state.scheduler.close()  # what SIGTERM does first (tests/test_server_process.py sends one)
-                late = await c.post(s.url + "/v1/completions", json=BASE)
-                return [await r for r in reqs], late
+                health = await asyncio.to_thread(_poll, s.url, lambda h: h["queued"] == 3)
+                s.server.should_exit = True
+                return health, [await r for r in reqs]
 
-        done, late = asyncio.run(main())
-        assert sorted(r.status_code for r in done) == [200, 503, 503, 503]
-        assert all("shutting down" in r.json()["error"]["message"] for r in done if r.status_code == 503)
-        assert late.status_code == 503
+        health, done = asyncio.run(main())
+        assert health["queued"] == 3 and health["running"] == 1
+        assert [r.status_code for r in done] == [503] * 4
+        messages = sorted(r.json()["error"]["message"] for r in done)
+        assert messages == ["the server is shutting down; this request was not started"] * 3 + [
+            "the server shut down before this request finished"]
+        s.thread.join(30)
+        scheduler = s.app.state.scheduler
+        scheduler.thread.join(30)  # the cut-off job stopped at its next step and the closed worker ended
+        assert not s.thread.is_alive() and not scheduler.thread.is_alive() and not scheduler.jobs
     finally:
         s.stop()
 

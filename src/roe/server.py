@@ -260,7 +260,8 @@ class Scheduler:
         self.closing = False
         self.rosters: dict[RoEConfig, object] = {}
         self.lock = threading.Condition()
-        threading.Thread(target=self._work, daemon=True, name="roe-worker").start()
+        self.thread = threading.Thread(target=self._work, daemon=True, name="roe-worker")
+        self.thread.start()
 
     def submit(self, jobs: list[Job]) -> None:
         with self.lock:
@@ -284,17 +285,21 @@ class Scheduler:
                     pass
 
     def close(self) -> None:
-        """Shutdown: refuse new jobs and answer every queued one 503 now; the running batch finishes."""
+        """Shutdown: refuse new jobs and answer every queued one 503 now; the running batch finishes (or stops at
+        its next step once its clients are gone), then the worker thread ends."""
         with self.lock:
             self.closing = True
             queued = list(self.jobs)
             self.jobs.clear()
+            self.lock.notify_all()
         for job in queued:
             job.put(("error", APIError(503, "the server is shutting down; this request was not started", "server_error")))
 
-    def _take_batch(self) -> list[Job]:
+    def _take_batch(self) -> list[Job] | None:
         with self.lock:
             while not self.jobs:
+                if self.closing:
+                    return None
                 self.lock.wait()
             head = self.jobs.popleft()
             key = (head.config.replace(seed=0), head.params)
@@ -311,6 +316,8 @@ class Scheduler:
     def _work(self) -> None:
         while True:
             batch = self._take_batch()
+            if batch is None:  # closed and idle
+                return
             try:
                 self._run(batch)
             except Exception:  # a failing batch must not take the server down; the message stays in the log
@@ -710,6 +717,12 @@ def create_app(roster, model_name: str = "roe", limits: Limits | None = None, ap
         try:
             await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
             return collecting.result() if collecting.done() else None
+        except asyncio.CancelledError:
+            if not scheduler.closing:
+                raise
+            # uvicorn's graceful-shutdown timeout cancelled this request: answer it rather than leave uvicorn's
+            # plain-text 500 (the loop still sends this before it stops)
+            raise APIError(503, "the server shut down before this request finished", "server_error") from None
         finally:
             collecting.cancel()
             watching.cancel()
@@ -859,8 +872,9 @@ def serve_limits(args, max_context: int | None) -> Limits:
     return Limits(max_k=args.max_k, max_tokens=max_tokens, max_prompt_tokens=max_prompt, max_queue=args.max_queue)
 
 
-def serve(app, host: str, port: int, graceful_timeout: float) -> None:
-    """uvicorn, with shutdown that answers queued jobs 503 first and waits at most `graceful_timeout` seconds."""
+def make_server(app, host: str, port: int, graceful_timeout: float):
+    """A uvicorn server whose shutdown (SIGTERM, SIGINT) first answers every queued job 503, then lets running
+    requests finish for at most `graceful_timeout` seconds (those still running then answer 503)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -868,8 +882,12 @@ def serve(app, host: str, port: int, graceful_timeout: float) -> None:
             app.state.scheduler.close()
             await super().shutdown(sockets=sockets)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout)
-    Server(config).run()
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                 timeout_graceful_shutdown=graceful_timeout))
+
+
+def serve(app, host: str, port: int, graceful_timeout: float) -> None:
+    make_server(app, host, port, graceful_timeout).run()
 
 
 def cmd_serve(args) -> int:
