@@ -56,6 +56,20 @@ def test_decode_step_is_one_graph_that_matches_eager(arch, tiny_path):
     assert not torch.allclose(again, compiled)  # other seeds, other noise: the graph does not bake the noise in
 
 
+def test_passes_of_one_shape_reuse_the_buffers_of_finished_ones(tiny_path):
+    """What CUDA graphs need (fixed addresses across calls), checked on the CPU: a finished pass's buffers are
+    reused, after a reset, by the next pass of the same shape, and the results are those of fresh buffers."""
+    roster = _roster(tiny_path("olmoe"))
+    first, run = _decode_all(roster, compile="eager")
+    address = run.cache.keys[0].data_ptr()
+    del run
+    second, run = _decode_all(roster, compile="eager")
+    assert run.cache.keys[0].data_ptr() == address
+    fresh, _ = _decode_all(roster, compile=None)
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    torch.testing.assert_close(second, fresh, atol=1e-5, rtol=1e-5)
+
+
 def test_the_compiled_step_grows_past_its_capacity_eagerly(tiny_path):
     roster = _roster(tiny_path("olmoe"))
     ids = torch.tensor([roster.tokenizer("abc").input_ids])

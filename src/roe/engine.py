@@ -31,6 +31,7 @@ graph (torch.compile fullgraph) and, on CUDA, replays as CUDA graphs.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -383,18 +384,27 @@ class RoEPass:
         self.compile = compile if self.clean and not record_experts else None
         B = len(seeds)
         self.capacity = _round_up(capacity or 1)
-        cuda_graphs = self.compile is not None and self.device.type == "cuda"
-        self.cache = CleanCache(self.capacity, cuda_graphs) if self.clean else DynamicCache(config=model.config)
         self.length = 0  # slots used so far, the same for every prompt (host-side: never read from the device)
-        # per-pass state on the device, advanced in place by every step
         self.seeds = self._to_device(torch.tensor(seeds, dtype=torch.long))  # [B]
         self.tau_values = self._to_device(torch.tensor(taus, dtype=torch.float32))  # [L]
-        self.valid = torch.zeros(B, self.capacity, dtype=torch.bool, device=self.device)  # [B, capacity]
-        self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)  # [B, 1] position of the next token
-        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # [1] the next slot, for the static step
-        if cuda_graphs:
-            for t in (self.valid, self.next_pos, self.slot):
-                torch._dynamo.mark_static_address(t)
+        self._finalizer = None
+        if self.compile is not None:
+            # a compiled step (CUDA graphs: fixed addresses) serves passes of one shape that take turns with
+            # one set of buffers, released when a pass is garbage
+            pool = _buffer_pool(model, (B, self.capacity))
+            state = pool.pop() if pool else _DeviceState.new(B, self.capacity, self.device,
+                                                             static=self.device.type == "cuda")
+            state.reset()
+            self._finalizer = weakref.finalize(self, pool.append, state)
+        elif self.clean:
+            state = _DeviceState.new(B, self.capacity, self.device, static=False)
+        else:
+            state = _DeviceState.new(B, self.capacity, self.device, static=False, cache=DynamicCache(config=model.config))
+        # per-pass state on the device, advanced in place by every step
+        self.cache = state.cache
+        self.valid = state.valid  # [B, capacity] bool: slots that hold real tokens
+        self.next_pos = state.next_pos  # [B, 1] position of each prompt's next token
+        self.slot = state.slot  # [1] the next slot, for the static step
 
     @property
     def compiled(self) -> bool:
@@ -446,6 +456,9 @@ class RoEPass:
     def _reserve(self, slots: int) -> None:
         if slots <= self.capacity:
             return
+        if self._finalizer is not None:  # grown buffers no longer fit their pool's shape
+            self._finalizer.detach()
+            self._finalizer = None
         capacity = _round_up(max(slots, 2 * self.capacity))
         self.valid = F.pad(self.valid, (0, capacity - self.capacity))
         if self.clean:
@@ -500,6 +513,41 @@ class RoEPass:
             _CLEAN.reset(clean_token)
             LAYER_INPUTS.reset(widen_token)
             ACTIVE.reset(route_token)
+
+
+@dataclass(eq=False)
+class _DeviceState:
+    """The device tensors a pass advances in place: its cache, the valid-slot mask, positions and next slot."""
+
+    cache: CleanCache | DynamicCache
+    valid: torch.Tensor
+    next_pos: torch.Tensor
+    slot: torch.Tensor
+
+    @classmethod
+    def new(cls, batch: int, capacity: int, device, static: bool, cache=None) -> _DeviceState:
+        state = cls(cache if cache is not None else CleanCache(capacity, static),
+                    torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+                    torch.zeros(batch, 1, dtype=torch.long, device=device),
+                    torch.zeros(1, dtype=torch.long, device=device))
+        if static:
+            for t in (state.valid, state.next_pos, state.slot):
+                torch._dynamo.mark_static_address(t)
+        return state
+
+    def reset(self) -> None:
+        """Forget the previous pass (its keys stay in the buffers, masked out by `valid`)."""
+        for t in (self.valid, self.next_pos, self.slot):
+            t.zero_()
+        self.cache.length = 0
+
+
+def _buffer_pool(model, key) -> list:
+    pools = getattr(model, "_roe_buffer_pool", None)
+    if pools is None:
+        pools = {}
+        model._roe_buffer_pool = pools
+    return pools.setdefault(key, [])
 
 
 def _round_up(n: int) -> int:
