@@ -23,6 +23,8 @@ ARCHS = {
     "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
     "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=64, sliding_window=32,
+                    layer_types=["sliding_attention", "full_attention"] * 2),  # not ported: RoE must refuse it
     "llama": dict(),  # dense: RoE must refuse it
 }
 

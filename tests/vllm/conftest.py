@@ -82,7 +82,3 @@ def stop_llm(llm) -> None:
     del llm
     gc.collect()
 
-
-def pytest_unconfigure(config):
-    # vLLM's exit handlers can end the process before a redirected stdout is flushed: keep pytest's summary line
-    sys.stdout.flush()

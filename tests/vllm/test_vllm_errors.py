@@ -15,6 +15,8 @@ BAD = [
     ("olmoe", {"num_samples": 8, "tau": 0.3, "cache": "full"}, "roe: cache='full' is not available in vLLM"),
     ("llama", {"num_samples": 8, "tau": 0.3},
      "roe: 'LlamaForCausalLM' is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"),
+    ("gpt_oss", {"num_samples": 8, "tau": 0.3},
+     "roe: 'GptOssForCausalLM' is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"),
 ]
 
 
@@ -27,7 +29,7 @@ def _messages(exc: BaseException) -> list[str]:
 
 
 @pytest.mark.parametrize("arch,roe,message", BAD, ids=["unknown-field", "k0", "negative-tau", "tau-length",
-                                                         "full-cache", "dense"])
+                                                         "full-cache", "dense", "not-ported"])
 def test_bad_settings_refuse_to_start(checkpoint, arch, roe, message):
     with pytest.raises(Exception) as info:
         llm = start_llm(checkpoint(arch), roe=roe)
