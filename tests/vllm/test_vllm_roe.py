@@ -44,6 +44,26 @@ def _continuous(llm):
     return [done[i] for i in range(len(ARRIVALS))]
 
 
+def _sampling(llm, greedy_text: str) -> dict:
+    """vLLM's own sampling options on top of the aggregated distribution."""
+    from vllm import SamplingParams
+
+    prompt = PROMPTS[2]
+    sampled = SamplingParams(max_tokens=NEW, temperature=0.8, top_p=0.9, seed=123, n=2)
+    a = llm.generate([prompt], sampled, use_tqdm=False)[0]
+    b = llm.generate([prompt], sampled, use_tqdm=False)[0]
+    stop = greedy_text[len(greedy_text) // 2]
+    cut = llm.generate([prompt], SamplingParams(max_tokens=NEW, temperature=0, stop=[stop]), use_tqdm=False)[0]
+    top = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, logprobs=3), use_tqdm=False)[0]
+    return {
+        "n": len(a.outputs),
+        "same_seed_same_text": [o.text for o in a.outputs] == [o.text for o in b.outputs],
+        "stop": (cut.outputs[0].text, greedy_text[: greedy_text.index(stop)]),
+        "top3": [sorted(lp.values(), key=lambda x: x.rank)[:3] for lp in top.outputs[0].logprobs],
+        "greedy_ids": list(top.outputs[0].token_ids),
+    }
+
+
 @pytest.fixture(scope="module")
 def references(checkpoint, tmp_path_factory):
     """The engine's tokens and log-probs for every architecture, from one run of the main environment."""
@@ -86,6 +106,8 @@ def runs(checkpoint, references):
                              for o in outs]
         r["record"] = llm.apply_model(lambda model: model._roe_record)[0]
         r["continuous"] = _continuous(llm)
+        if arch == "olmoe":
+            r["sampling"] = _sampling(llm, outs[2].outputs[0].text)
         stop_llm(llm)
         cache[arch] = r
         return r
@@ -133,3 +155,16 @@ def test_noise_is_active(runs, arch):
         per_layer.setdefault(ordinal, set()).update(idx[:7].flatten().tolist())  # the 7 noisy rows of one token
     assert set(per_layer) == {1, 2}  # skip_layers=1 of 4 MoE layers: the middle two are noisy
     assert all(len(s) > top_k for s in per_layer.values()), per_layer
+
+
+def test_sampling_options_work_on_the_aggregate(runs):
+    """Seeds, temperature/top-p, n, stop strings and top logprobs apply to the aggregated distribution."""
+    r = runs("olmoe")["sampling"]
+    assert r["n"] == 2
+    assert r["same_seed_same_text"]
+    got, want = r["stop"]
+    assert got == want
+    for top, tok in zip(r["top3"], r["greedy_ids"]):
+        assert len(top) >= 3
+        assert top[0].rank == 1 and top[0].logprob >= top[1].logprob >= top[2].logprob
+    assert r["greedy_ids"] == runs("olmoe")["roe"][2][:4]  # greedy picks the aggregate's argmax
