@@ -168,3 +168,14 @@ def test_sampling_options_work_on_the_aggregate(runs):
         assert len(top) >= 3
         assert top[0].rank == 1 and top[0].logprob >= top[1].logprob >= top[2].logprob
     assert r["greedy_ids"] == runs("olmoe")["roe"][2][:4]  # greedy picks the aggregate's argmax
+
+
+def test_compiled_vllm_same_tokens(runs, checkpoint):
+    """Without --enforce-eager (vLLM compiles the model with torch.compile on the CPU), RoE steps bypass the
+    compiled graph and give the same tokens."""
+    llm = start_llm(checkpoint("olmoe"), roe=ROE, enforce_eager=False)
+    try:
+        got = [list(o.outputs[0].token_ids) for o in _greedy(llm, PROMPTS)]
+    finally:
+        stop_llm(llm)
+    assert got == runs("olmoe")["roe"]
