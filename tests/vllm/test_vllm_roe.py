@@ -87,6 +87,7 @@ def runs(checkpoint, references):
         path = checkpoint(arch)
         r = {"engine": references[arch]}
         llm = start_llm(path)
+        r["plain_class"] = llm.apply_model(lambda model: (type(model).__module__, type(model).__name__))[0]
         outs = _greedy(llm, PROMPTS)
         r["plain"] = [list(o.outputs[0].token_ids) for o in outs]
         r["prompt_ids"] = [list(o.prompt_token_ids) for o in outs]
@@ -119,6 +120,8 @@ def runs(checkpoint, references):
 def test_roe_off_is_plain_vllm(runs, arch):
     """plain vLLM == `roe` with K = 1 == `roe` with K = 8 and tau = 0, token for token."""
     r = runs(arch)
+    # without `roe` the plugin hands vLLM an instance of vLLM's own class
+    assert r["plain_class"][0].startswith("vllm.model_executor.models.")
     assert r["k1"] == r["plain"]
     assert r["tau0"] == r["plain"]
 
