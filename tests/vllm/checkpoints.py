@@ -17,7 +17,8 @@ COMMON = dict(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_
 
 ARCHS = {
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=1),
+    # a sliding window shorter than the longer sequences, and grouped-query attention
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=1, sliding_window=16),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=64,
                       num_attention_heads=4, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True),
     "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,

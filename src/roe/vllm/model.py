@@ -349,6 +349,10 @@ def _noisy_attention(model, attn, step: _Step, q, k, v, window):
     ok = j[None] < pos[:, None]  # [R, L]
     if window is not None:
         ok = ok & (pos[:, None] - j[None] < window)
+    # slots outside the visible history (blocks vLLM freed behind a sliding window, padding up to the longest
+    # sequence) may hold anything: zero them so that a masked-out NaN cannot reach the softmax or the sum
+    hist_k = hist_k.masked_fill(~ok[:, :, None, None], 0)
+    hist_v = hist_v.masked_fill(~ok[:, :, None, None], 0)
     qf = q.reshape(R, K1, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, K1 * G, D)
     own_k = k.reshape(R, K1, Hkv, D).transpose(1, 2)  # [R, Hkv, K-1, D]
     own_v = v.reshape(R, K1, Hkv, Dv).transpose(1, 2)
