@@ -263,6 +263,23 @@ def test_bad_requests(server, body, status, message):
     assert "Value error" not in err["message"] and "must be a JSON object" not in err["message"]
 
 
+def test_openai_client_gets_clear_400s(client):
+    """What can never succeed is a 400 (the client does not retry it), with the limit and no pydantic prefixes."""
+    retrying = client.with_options(max_retries=3)
+    cases = [
+        (dict(prompt=["a"] * 9, n=8), "asks for 72 completions (9 prompts x n=8); this server queues at most 64"),
+        (dict(prompt="hi", frequency_penalty=0.5), "frequency_penalty and presence_penalty are not supported"),
+        (dict(prompt="hi", seed=2**70), "seed: seed must be an integer in [0, 2**63)"),
+        (dict(prompt="hi", extra_body={"roe": {"tau": 1e308}}), "roe.tau: tau must be <= 10"),
+        (dict(prompt=[[5, 6], [7, 1000]]), "prompt 1: token id 1000 is out of range"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            retrying.completions.create(model="tiny", max_tokens=2, **kw)
+        assert e.value.status_code == 400 and message in e.value.message
+        assert "Value error" not in e.value.message and "JSON object" not in e.value.message
+
+
 def test_seed_at_the_top_of_the_range_is_accepted(client):
     out = client.completions.create(model="tiny", prompt="hi", max_tokens=2, seed=2**63 - 1)
     assert out.usage.completion_tokens == 2
