@@ -7,6 +7,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_DATASETS_OFFLINE := 1
+# vLLM (the plugin's tests) sends usage statistics to its server unless told not to
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
 # tests and the demo run the working tree; the installed copy provides the dependencies, the `roe` command and
 # the lm-eval registration hook (a .pth file, which editable installs do not ship)
 export PYTHONPATH := $(CURDIR)/src

@@ -28,6 +28,8 @@ if not _vllm_installed():
     collect_ignore_glob = ["test_*.py"]
 else:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_NO_USAGE_STATS"] = "1"  # vLLM reports usage to its server unless told not to: no network here
+    os.environ["DO_NOT_TRACK"] = "1"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
