@@ -46,7 +46,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from . import adapters
 from .adapters import ACTIVE, RoutingNoise, find_experts
 from .engine import aggregate, cache_bytes
-from .routing import gumbel
+from .routing import NOISE_VERSION, gumbel
 
 HF_METHODS = ("hf-eager", "hf-compiled")
 
@@ -324,17 +324,16 @@ def run_roe(roster, prompt, new_tokens, record=False, meter=_NoMeter(), **engine
     Returns (_Run, the RoEPass)."""
     device = roster.model.device
     seed = roster.config.seed
-    run = roster.new_pass([seed + b for b in range(prompt.shape[0])], record_experts=record, **engine_options)
+    run = roster.new_pass([seed + b for b in range(prompt.shape[0])], record_experts=record,
+                          capacity=prompt.shape[1] + new_tokens + 1, **engine_options)
     mask = torch.ones_like(prompt, dtype=torch.bool)
     t0 = time.perf_counter()
     run.prefill(prompt[:, :-1], mask[:, :-1])
-    cur = prompt[:, -1:]
-    logits = run.forward(cur)
+    logprobs = run.decode(prompt[:, -1:])  # [B, V], aggregated
     _sync(device)
     t1, e1 = time.perf_counter(), meter.energy()
     for _ in range(new_tokens):
-        cur = aggregate(logits[:, :, -1], roster.config.aggregate).argmax(-1, keepdim=True)
-        logits = run.forward(cur)
+        logprobs = run.decode(logprobs.argmax(-1, keepdim=True))
     _sync(device)
     t2, e2 = time.perf_counter(), meter.energy()
     # the engine says whether its decode step ran compiled (RoEPass.compiled); an engine without one ran eagerly
@@ -753,7 +752,8 @@ def cmd_bench(args) -> int:
     def save(rows, complete):
         if args.json:
             doc = {"title": title, "complete": complete, "device": device, "compile": compile,
-                   "power": meter.note, "versions": _versions(), "rows": [asdict(r) for r in rows]}
+                   "power": meter.note, "versions": _versions(), "noise_version": NOISE_VERSION,
+                   "rows": [asdict(r) for r in rows]}
             tmp = f"{args.json}.tmp"
             with open(tmp, "w") as f:
                 json.dump(doc, f, indent=1)

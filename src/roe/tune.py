@@ -85,6 +85,7 @@ def cmd_tune(args) -> int:
     from tqdm import tqdm
 
     from .options import load_roster
+    from .routing import NOISE_VERSION
 
     roster = load_roster(args)
     n = len(roster.routers)
@@ -126,6 +127,7 @@ def cmd_tune(args) -> int:
         "aggregate": roster.config.aggregate,
         "cache": roster.config.cache,
         "seed": roster.config.seed,
+        "noise_version": NOISE_VERSION,  # which Gumbel draw each (seed, position, sample, layer, expert) gets
         "task": args.task,
         "objective": args.objective,
         "validation_score": best.value,
