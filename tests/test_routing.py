@@ -81,17 +81,18 @@ def test_weights_are_the_models_own_for_the_chosen_experts():
     torch.testing.assert_close(w, torch.softmax(logits.gather(-1, idx), -1))
 
 
-def test_noise_is_keyed_by_seed_and_position():
-    pos = torch.tensor([[3, 4, 5]])
-    a = routing.draw_token_noise([7], pos, 2, 3, 4)
-    b = routing.draw_token_noise([7], torch.tensor([[5]]), 2, 3, 4)
-    torch.testing.assert_close(a[:, 2:], b)  # same (seed, position) -> same draw, however it is batched
-    c = routing.draw_token_noise([8], pos, 2, 3, 4)
-    assert not torch.equal(a, c)
-    assert not torch.equal(a[0, 0], a[0, 1])  # independent across positions
-    assert not torch.equal(a[0, 0, 0], a[0, 0, 1])  # ... samples
-    assert not torch.equal(a[0, 0, 0, 0], a[0, 0, 0, 1])  # ... and layers
-    assert abs(float(a.mean()) - 0.5772) < 0.6  # Gumbel mean (Euler's constant), loose at this size
+def test_noise_is_keyed_by_seed_position_sample_and_layer():
+    seed, pos, sample = torch.tensor(7), torch.tensor([3, 4, 5])[:, None], torch.arange(3)[None, :]
+    a = routing.gumbel_noise(seed, pos, sample, 2, 4)  # [3 positions, 3 samples, 4 experts]
+    b = routing.gumbel_noise(seed, torch.tensor([[5]]), sample, 2, 4)
+    torch.testing.assert_close(a[2:], b)  # same key -> same draw, however it is batched
+    assert not torch.equal(a, routing.gumbel_noise(torch.tensor(8), pos, sample, 2, 4))
+    assert not torch.equal(a, routing.gumbel_noise(seed, pos, sample, 3, 4))  # independent across layers
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0, 0], a[0, 1])  # ... positions and samples
+    ref = [[[routing.python_gumbel(7, p, k, 2, e) for e in range(4)] for k in range(3)] for p in (3, 4, 5)]
+    torch.testing.assert_close(a.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-6, rtol=0)
+    many = routing.gumbel_noise(seed, torch.arange(2000)[:, None], sample, 0, 64)
+    assert abs(float(many.mean()) - 0.5772) < 0.01 and abs(float(many.var()) - math.pi**2 / 6) < 0.03
 
 
 def test_gumbel_moments():
