@@ -31,6 +31,7 @@ graph (torch.compile fullgraph) and, on CUDA, replays as CUDA graphs.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -382,6 +383,9 @@ class RoEPass:
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
         self.compile = compile if self.clean and not record_experts else None
+        if compile is not None and not self.clean:
+            warnings.warn("roe: the full cache runs eagerly (only the clean cache's decode step is compiled)",
+                          stacklevel=3)
         B = len(seeds)
         self.capacity = _round_up(capacity or 1)
         self.length = 0  # slots used so far, the same for every prompt (host-side: never read from the device)
