@@ -12,8 +12,9 @@ import time
 
 import httpx
 import pytest
+from lm_eval_tasks import CHOICE, PPL, write_builtin_data, write_task
 
-from roe import builtin_path, tasks
+from roe import builtin_path
 
 
 def _free_port():
@@ -67,23 +68,7 @@ def served(tmp_path_factory):
     p.stop()
 
 
-TASKS = {
-    "roe_api_choice": """
-dataset_kwargs: {{data_files: {{test: {dir}/choice.jsonl}}}}
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list: [{{metric: acc}}]
-""",
-    "roe_api_ppl": """
-dataset_kwargs: {{data_files: {{test: {dir}/ppl.jsonl}}}}
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list: [{{metric: word_perplexity}}]
-""",
-}
+TASKS = {"roe_api_choice": ("choice", CHOICE), "roe_api_ppl": ("ppl", PPL)}  # name: (data file, task body)
 
 
 def _samples(out, task):
@@ -100,11 +85,9 @@ def test_lm_eval_local_completions_matches_roe_at_k1(served, tmp_path, monkeypat
 
     import roe.harness  # noqa: F401  (registers --model roe)
 
-    for name, body in [("choice", tasks.examples("choice", "test", 6)), ("ppl", tasks.examples("ppl", "test", 2))]:
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in body))
-    for task, spec in TASKS.items():
-        (tmp_path / f"{task}.yaml").write_text(f"task: {task}\ndataset_path: json\ntest_split: test\n"
-                                               + spec.format(dir=tmp_path))
+    write_builtin_data(tmp_path, choice=6, ppl=2)
+    for task, (data, body) in TASKS.items():
+        write_task(tmp_path, task, data, body)
     path = builtin_path("s")
     common = dict(tasks=list(TASKS), task_manager=TaskManager(include_path=str(tmp_path)), batch_size=4,
                   log_samples=True, bootstrap_iters=0)
