@@ -169,7 +169,9 @@ def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
     state = ACTIVE.get()
     if state is None:
         return None
-    logits, weights, idx = output
+    # (logits, weights, indices); GraniteMoe before transformers 5.18 returned them the other way round
+    index_first = not output[0].is_floating_point()
+    logits, weights, idx = output[::-1] if index_first else output
     if layer in state.noisy:
         flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
         noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device))
@@ -178,7 +180,7 @@ def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
         idx = torch.where(rows, noisy_idx.to(idx.dtype), idx)
     if state.chosen is not None:
         state.chosen[layer] = idx.detach()
-    return logits, weights, idx
+    return (idx, weights, logits) if index_first else (logits, weights, idx)
 
 
 def _layer_pre_hook(layer: int, module: nn.Module, args, kwargs):

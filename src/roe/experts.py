@@ -46,7 +46,7 @@ def dense_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: tor
     h = _linear(hidden_states.to(up.dtype)[None], up, up_bias, experts.is_transposed)  # [E, N, 2I]
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)  # [E, N, I]
     out = _linear(h, down, down_bias, experts.is_transposed)  # [E, N, D]
-    if experts.has_post_expert_norm:
+    if getattr(experts, "has_post_expert_norm", False):  # transformers >= 5.18; earlier releases have no such norm
         out = experts.post_expert_norm(out)
     N, E = hidden_states.shape[0], up.shape[0]
     mix = torch.zeros(N, E, dtype=torch.float32, device=hidden_states.device)
