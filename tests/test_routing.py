@@ -95,6 +95,20 @@ def test_noise_is_keyed_by_seed_position_sample_and_layer():
     assert abs(float(many.mean()) - 0.5772) < 0.01 and abs(float(many.var()) - math.pi**2 / 6) < 0.03
 
 
+def test_noise_compiled_by_inductor_is_bit_identical():
+    """The compiled decode step computes the noise in generated code (C++ here, Triton on CUDA), where 64-bit
+    wrap-around multiplication and logical shifts are the code generator's, not PyTorch's eager kernels."""
+    seeds = torch.tensor([0, 1, 2**62 + 12345, 2**63 - 1])[:, None, None, None]  # [4, 1, 1, 1]
+    positions = torch.tensor([0, 7, 4095])[None, :, None, None]  # [1, 3, 1, 1]
+    samples = torch.arange(4)[None, None, :, None]  # [1, 1, 4, 1]
+    layers = torch.tensor([0, 5])[:, None, None, None, None]  # [2, 1, 1, 1, 1]
+    eager = routing.gumbel_noise(seeds, positions, samples, layers, 64)  # [2, 4, 3, 4, 1, 64]
+    torch._dynamo.reset()
+    compiled = torch.compile(routing.gumbel_noise, backend="inductor", fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(seeds, positions, samples, layers, 64), eager)
+    assert eager[1, 2, 1, 3, 0, 63].item() == pytest.approx(routing.python_gumbel(2**62 + 12345, 7, 3, 5, 63), abs=1e-6)
+
+
 def test_gumbel_moments():
     g = routing.gumbel((200_000,), torch.Generator().manual_seed(1))
     assert abs(float(g.mean()) - 0.5772) < 0.01

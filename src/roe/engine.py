@@ -45,6 +45,10 @@ from .routing import gumbel_noise
 
 CLEAN_ATTENTION = "roe_clean"
 CAPACITY_STEP = 128  # cache capacities are multiples of this, so one compiled step serves many prompt lengths
+# a compiled step has one graph (and, on CUDA, one set of CUDA graphs) per shape: its passes round the batch up
+# to a power of two and the capacity to CAPACITY_STEP times a power of two, so a server or an evaluation with
+# varied batches and lengths compiles a handful of shapes, not one per request mix
+COMPILED_SHAPES = 64  # graphs torch.compile may keep for the step (its default of 8 is a hard error with fullgraph)
 
 
 def _compiling() -> bool:
@@ -386,10 +390,11 @@ class RoEPass:
         if compile is not None and not self.clean:
             warnings.warn("roe: the full cache runs eagerly (only the clean cache's decode step is compiled)",
                           stacklevel=3)
-        B = len(seeds)
-        self.capacity = _round_up(capacity or 1)
+        self.batch = len(seeds)  # the caller's prompts; a compiled pass runs B >= batch rows, the rest idle
+        B = _power_of_two(self.batch) if self.compile is not None else self.batch
+        self.capacity = (_capacity_bucket if self.compile is not None else _round_up)(capacity or 1)
         self.length = 0  # slots used so far, the same for every prompt (host-side: never read from the device)
-        self.seeds = self._to_device(torch.tensor(seeds, dtype=torch.long))  # [B]
+        self.seeds = self._to_device(torch.tensor(list(seeds) + [0] * (B - self.batch), dtype=torch.long))  # [B]
         self.tau_values = self._to_device(torch.tensor(taus, dtype=torch.float32))  # [L]
         self._finalizer = None
         if self.compile is not None:
@@ -421,27 +426,62 @@ class RoEPass:
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Process history tokens without producing predictions: clean path only under clean cache."""
         if ids.shape[1]:
-            self._run(ids, mask, 1 if self.clean else self.k, logits_to_keep=1)
+            self._run(self._idle_rows(ids, 0), self._idle_rows(mask.bool(), False), 1 if self.clean else self.k,
+                      logits_to_keep=1)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, S] -> logits [B, K, S, V] for the next token after each position (eager)."""
         if mask is None:
             mask = torch.ones(ids.shape, dtype=torch.bool)
-        return self._run(ids, mask, self.k, logits_to_keep=0)
+        logits = self._run(self._idle_rows(ids, 0), self._idle_rows(mask.bool(), False), self.k, logits_to_keep=0)
+        return logits[: self.batch]
+
+    def _idle_rows(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """t [batch, ...] -> [B, ...]: the rows a compiled pass adds to round its batch up, filled with `fill`
+        (padding that no valid slot ever shows to a real row)."""
+        B = self.seeds.shape[0]
+        return t if t.shape[0] == B else torch.cat([t, t.new_full((B - t.shape[0], *t.shape[1:]), fill)])
 
     def decode(self, ids: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
         """One token per prompt, ids [B, 1]; alive [B] bool marks the prompts still generating (the others'
         rows run on, masked out). Returns the aggregated log-probs of the next token [B, V], float32."""
-        B = ids.shape[0]
-        alive = torch.ones(B, dtype=torch.bool) if alive is None else alive.reshape(B)
+        alive = torch.ones(ids.shape[0], dtype=torch.bool) if alive is None else alive.reshape(ids.shape[0])
+        ids, alive = self._idle_rows(ids, 0), self._idle_rows(alive.bool(), False)
         if self.compile is None or not self.cache.keys or self.length + 1 > self.capacity:
-            return aggregate(self._run(ids, alive[:, None], self.k, logits_to_keep=0)[:, :, -1], self.how)
-        ids, alive = self._to_device(ids.contiguous()), self._to_device(alive.bool())  # fixed strides: one graph
+            out = aggregate(self._run(ids, alive[:, None], self.k, logits_to_keep=0)[:, :, -1], self.how)
+            return out[: self.batch]
+        # fresh tensors with the canonical strides (a [1, 1] slice keeps its parent's, and the graph is
+        # specialised to strides): one graph whichever tensor the caller hands in
+        ids, alive = (self._to_device(t.clone(memory_format=torch.contiguous_format)) for t in (ids, alive))
         step = self._step(self.k, self.next_pos, self.slot, self.valid)
-        out = self._call(step, compiled_decode(self.compile, self.device.type), self, ids, alive)
+        out = self._compiled_step(step, ids, alive)
+        if out is None:  # torch.compile could not build the step: this pass goes on eagerly
+            return self.decode(ids, alive)[: self.batch]
         self.length += 1
         self.cache.length = self.length
-        return out
+        out = out[: self.batch]
+        # a CUDA graph writes its output into the same memory at every replay: a caller that keeps the log-probs
+        # of one step (a list of them, a server's top logprobs) would see them change under it at the next
+        return out.clone() if replays_cuda_graphs(self.compile, self.device.type) else out
+
+    def _compiled_step(self, step: _Step, ids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor | None:
+        """The compiled decode step, or None (with a one-line warning) where torch.compile fails to build it.
+
+        Building fails before the step runs (tracing, the backend's compiler, the limit on graphs per
+        function), so the pass's state is untouched and the step can be run again eagerly."""
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        limit = getattr(config, name)
+        setattr(config, name, max(limit, COMPILED_SHAPES))
+        try:
+            return self._call(step, compiled_decode(self.compile, self.device.type), self, ids, alive)
+        except _compile_failures() as e:
+            warnings.warn(f"roe: torch.compile could not build the decode step ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); this pass decodes eagerly", stacklevel=3)
+            self.compile = None
+            return None
+        finally:
+            setattr(config, name, limit)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor onto the model's device without waiting for the device (a plain copy would sync)."""
@@ -558,6 +598,14 @@ def _round_up(n: int) -> int:
     return -(-n // CAPACITY_STEP) * CAPACITY_STEP
 
 
+def _power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _capacity_bucket(n: int) -> int:
+    return CAPACITY_STEP * _power_of_two(-(-n // CAPACITY_STEP))
+
+
 def decode_step(run: RoEPass, ids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     """The static decode step: ids [B, 1], alive [B] (device) -> aggregated log-probs [B, V].
 
@@ -575,10 +623,20 @@ def decode_step(run: RoEPass, ids: torch.Tensor, alive: torch.Tensor) -> torch.T
 _COMPILED: dict[tuple, object] = {}
 
 
+def _compile_failures() -> tuple[type[Exception], ...]:
+    """What torch.compile raises when it cannot build a graph (before running anything)."""
+    names = ("Unsupported", "BackendCompilerFailed", "FailOnRecompileLimitHit")
+    return tuple(getattr(torch._dynamo.exc, n) for n in names if hasattr(torch._dynamo.exc, n))
+
+
+def replays_cuda_graphs(backend, device_type: str) -> bool:
+    return backend == "inductor" and device_type == "cuda"
+
+
 def compiled_decode(backend, device_type: str):
     """`decode_step` compiled once per (backend, device type); torch.compile keeps one graph per shape."""
     key = (backend, device_type)
     if key not in _COMPILED:
-        options = dict(mode="reduce-overhead") if backend == "inductor" and device_type == "cuda" else {}
+        options = dict(mode="reduce-overhead") if replays_cuda_graphs(backend, device_type) else {}
         _COMPILED[key] = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False, **options)
     return _COMPILED[key]
