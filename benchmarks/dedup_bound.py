@@ -52,7 +52,7 @@ def main(argv=None):
                 if name == "bound":
                     experts.forward = one_row_per_prompt
                 try:
-                    times[name].append(1000 * run_roe(r, prompt, args.new_tokens)[1] / args.new_tokens)
+                    times[name].append(1000 * run_roe(r, prompt, args.new_tokens)[0].decode_s / args.new_tokens)
                 finally:
                     experts.forward = original
         normal, bound = statistics.median(times["normal"]), statistics.median(times["bound"])
