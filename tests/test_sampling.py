@@ -99,3 +99,19 @@ def test_seed_range_edges_and_config_seed(roster):
         roster.stream(PROMPTS[0], seed=1, seeds=[1])
     with pytest.raises(ValueError, match="config.seed -1 is out of range"):
         roster.with_config(seed=-1).generate(PROMPTS[0], max_new_tokens=1)
+
+
+def test_text_is_detokenised_per_step_only_where_needed(roster, monkeypatch):
+    """generate without stop strings decodes each completion's text once, at the end, and gives the same text
+    as streaming, which keeps it current after every step."""
+    calls = []
+    decode = roster.tokenizer.decode
+    monkeypatch.setattr(roster.tokenizer, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    outs = roster.generate_completions(PROMPTS, max_new_tokens=6, do_sample=True)
+    assert len(calls) == len(PROMPTS)
+    assert [o.text for o in outs] == [roster.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+    streamed = ["".join(roster.stream(p, max_new_tokens=6, do_sample=True)) for p in PROMPTS]
+    assert streamed == [o.text for o in outs]
+    calls.clear()
+    stopped = roster.generate_completions(PROMPTS, max_new_tokens=6, do_sample=True, stop=["\n\n"])
+    assert len(calls) >= sum(len(o.token_ids) for o in stopped)  # stop strings need the text after every token

@@ -76,8 +76,14 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]) -> Iterator[list[Completion]]:
-    """Run the loop for B prompts; yields the completions after every step (text updated, finished ones marked)."""
+def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int],
+                 text_each_step: bool = True) -> Iterator[list[Completion]]:
+    """Run the loop for B prompts; yields the completions after every step (finished ones marked).
+
+    text_each_step: keep each completion's text current after every step (streaming); otherwise only where stop
+    strings need it, and once at the end (detokenising every completion at every step costs the host more than
+    a compiled GPU step)."""
+    text_each_step = text_each_step or bool(params.stop)
     B = len(prompt_ids)
     pad = roster.pad_token_id
     ids, mask = pad_batch(prompt_ids, max(len(p) for p in prompt_ids), pad, left=True)
@@ -102,18 +108,22 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
                 alive[b] = False
                 continue
             out.token_ids.append(tok)
+            if not text_each_step:
+                continue
             text = roster.tokenizer.decode(out.token_ids, skip_special_tokens=True)
             out.text, stopped = _cut_at_stop(text, params.stop)
             if stopped:
                 out.finish_reason = "stop"
                 alive[b] = False
-        yield outs
         if not alive.any():
-            return
+            break
+        yield outs
         current = torch.where(alive, nxt, torch.full_like(nxt, pad))[:, None]
     for out in outs:
         if out.finish_reason is None:
             out.finish_reason = "length"
+        if not text_each_step:
+            out.text = roster.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     yield outs
 
 

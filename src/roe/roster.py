@@ -211,7 +211,7 @@ class RosterOfExperts:
         ids = [self.encode_prompt(p, max_new_tokens) for p in prompts]
         ids = [x for x in ids for _ in range(n)]
         outs: list[Completion] = []
-        for outs in decode_steps(self, ids, params, all_seeds):
+        for outs in decode_steps(self, ids, params, all_seeds, text_each_step=False):
             pass
         return outs
 
