@@ -456,7 +456,7 @@ class RoEPass:
         step = self._step(self.k, self.next_pos, self.slot, self.valid)
         out = self._compiled_step(step, ids, alive)
         if out is None:  # torch.compile could not build the step: this pass goes on eagerly
-            return self.decode(ids, alive)[: self.batch]
+            return self.decode(ids, alive)
         self.length += 1
         self.cache.length = self.length
         out = out[: self.batch]
