@@ -207,10 +207,10 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(tiny_path, monke
     graphs, backend = _counting()
     torch._dynamo.reset()
     monkeypatch.setattr(engine, "COMPILED_SHAPES", 1)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    _greedy(roster, PROMPTS[:1], 2, capacity=10, compile=backend)
-    with pytest.warns(UserWarning, match="could not build the decode step.*decodes eagerly"):
-        got, run = _greedy(roster, PROMPTS, 3, capacity=10, compile=backend)  # a second shape: over the limit
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch would delete the option when undoing)
+        _greedy(roster, PROMPTS[:1], 2, capacity=10, compile=backend)
+        with pytest.warns(UserWarning, match="could not build the decode step.*decodes eagerly"):
+            got, run = _greedy(roster, PROMPTS, 3, capacity=10, compile=backend)  # a second shape: over the limit
     assert run.compile is None and len(graphs) == 1
     want, _ = _greedy(roster, PROMPTS, 3, capacity=10, compile=None)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
