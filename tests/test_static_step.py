@@ -214,3 +214,15 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(tiny_path, monke
     assert run.compile is None and len(graphs) == 1
     want, _ = _greedy(roster, PROMPTS, 3, capacity=10, compile=None)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_passes_never_take_the_compiled_shape(tiny_path, monkeypatch):
+    """Scoring runs chunks eagerly: with compilation on, its passes keep the caller's batch (no idle rows, which
+    would also overrun the scoring memory budget) and reserve their length at once."""
+    roster = _roster(tiny_path("olmoe")).with_config(compile="on")
+    made, new_pass = [], roster.new_pass
+    monkeypatch.setattr(roster, "new_pass", lambda *a, **k: made.append(new_pass(*a, **k)) or made[-1])
+    contexts, continuations = ["The cat sat", "2+2=4; 3", "once upon"], [" on", " =", " a time"]
+    scores = roster.score(contexts, continuations)
+    assert made and all(not run.compiled and run.seeds.shape[0] == run.batch for run in made)
+    assert scores == roster.with_config(compile="off").score(contexts, continuations)

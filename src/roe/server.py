@@ -424,7 +424,7 @@ def score_positions(roster, items: list[tuple[list[int], int, list[int] | None]]
         steps = max(len(x) for x in inputs)
         prefix, prefix_mask = pad_batch(hist, max(len(h) for h in hist), pad, left=True)
         chunk, chunk_mask = pad_batch(inputs, steps, pad, left=False)
-        run = roster.new_pass([seeds[i] for i in group])
+        run = roster.new_pass([seeds[i] for i in group], capacity=prefix.shape[1] + steps, compile=None)  # eager chunks
         run.prefill(prefix, prefix_mask)
         width = max(1, min(64, fit // len(group)))
         for s0 in range(0, steps, width):
