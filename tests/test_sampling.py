@@ -115,3 +115,25 @@ def test_text_is_detokenised_per_step_only_where_needed(roster, monkeypatch):
     calls.clear()
     stopped = roster.generate_completions(PROMPTS, max_new_tokens=6, do_sample=True, stop=["\n\n"])
     assert len(calls) >= sum(len(o.token_ids) for o in stopped)  # stop strings need the text after every token
+
+
+def test_stop_strings_found_from_the_last_tokens_match_the_whole_text(roster):
+    """Without streaming, stop strings are looked for in the last tokens' text; the completions (tokens, text,
+    finish reason) are those of the loop that decodes the whole text after every token."""
+    from roe.generate import SamplingParams, decode_steps
+
+    ids = [roster.tokenizer(p).input_ids for p in PROMPTS * 3]
+    seeds = list(range(len(ids)))
+    free = roster.generate_completions(PROMPTS * 3, max_new_tokens=24, do_sample=True, seeds=seeds)
+    texts = [o.text for o in free if len(o.text) > 8]
+    assert texts
+    stops = sorted({t[len(t) // 2 : len(t) // 2 + n] for t in texts for n in (1, 3)} - {""})  # pieces that occur
+
+    def run(each_step):
+        params = SamplingParams(24, True, stop=stops)
+        *_, last = decode_steps(roster, ids, params, seeds, text_each_step=each_step)
+        return [(o.token_ids, o.text, o.finish_reason) for o in last]
+
+    windowed, whole = run(False), run(True)
+    assert windowed == whole
+    assert any(reason == "stop" and len(tokens) < 24 for tokens, _, reason in whole)  # the stops did cut
