@@ -12,6 +12,8 @@
 # short keeps what it measured, marked "complete": false) and the .md report next to it, then regenerates
 # benchmarks/RESULTS-perf.md from every perf-*.json.
 # Usage on a CUDA machine: bash benchmarks/run_perf_gpu.sh [name]   (name: e.g. h100; default: the GPU's name)
+# Before it, in a call of its own (the device machine allows 10 minutes a command), the correctness checks only a
+# GPU can make: PYTHONPATH=src python3 benchmarks/gpu_checks.py --json benchmarks/results/gpu-checks-<name>.json
 # Environment: PY (the python), REPEATS (default 3), KS (default 1,8,32,64); EXTENDED=1 afterwards also runs the
 # older, longer set (full cache, engine ablations, K independent passes, no cache) into ...-extended.json.
 set -euo pipefail

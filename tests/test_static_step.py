@@ -5,17 +5,14 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from roe import RoEConfig, RosterOfExperts
+from roe.bench import HostWaits
 from roe.engine import decode_step, pad_batch
 from tiny import SLIDING
 
 PROMPTS = ["The cat sat", "2+2=4; 3"]
 STEPS = 6
-# ops that make the host wait for the device: a scalar read back, or an output whose shape depends on data
-SYNCING_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
-               "_unique", "_unique2", "unique_consecutive", "unique_dim"}
 
 
 def _roster(path, dtype=None, **cfg):
@@ -108,25 +105,6 @@ def test_the_compiled_step_grows_past_its_capacity_eagerly(tiny_path):
     assert run.capacity > capacity
 
 
-class _HostWaits(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops, self.waits = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        self.ops.append(name)
-        if name in SYNCING_OPS:
-            self.waits.append(name)
-        if name in ("_to_copy", "copy_"):  # a copy from an accelerator to the host waits for it
-            src = args[1] if name == "copy_" else args[0]
-            dst = args[0].device if name == "copy_" else kwargs.get("device") or src.device
-            if src.device.type != "cpu" and torch.device(dst).type == "cpu":
-                self.waits.append(f"{name} {src.device}->cpu")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "gpt_oss"])
 def test_decode_step_never_waits_for_the_device(arch, tiny_path):
     roster = _roster(tiny_path(arch))
@@ -136,7 +114,7 @@ def test_decode_step_never_waits_for_the_device(arch, tiny_path):
     run.prefill(batch[:, :-1], mask[:, :-1])
     step = run._step(run.k, run.next_pos, run.slot, run.valid)
     alive = torch.tensor([True, False])
-    with _HostWaits() as mode:
+    with HostWaits() as mode:
         run._call(step, decode_step, run, batch[:, -1:].contiguous(), alive)  # the body torch.compile traces
     assert "mm" in mode.ops or "bmm" in mode.ops or "matmul" in mode.ops or "addmm" in mode.ops  # it did run
     assert mode.waits == []
@@ -144,7 +122,7 @@ def test_decode_step_never_waits_for_the_device(arch, tiny_path):
 
 def test_sync_detector_catches_a_scalar_read(tiny_path):
     """The detector above is not blind: the eager generation loop's .item()-style reads are caught."""
-    with _HostWaits() as mode:
+    with HostWaits() as mode:
         torch.ones(3).sum().item()
         torch.tensor([0, 1, 1]).nonzero()
     assert mode.waits == ["_local_scalar_dense", "nonzero"]

@@ -429,6 +429,33 @@ class _KernelCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# operations that make the host wait for the device: a scalar read back, or an output whose shape depends on data
+SYNCING_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+               "_unique", "_unique2", "unique_consecutive", "unique_dim"}
+
+
+class HostWaits(TorchDispatchMode):
+    """Records every operation dispatched (`ops`) and those that make the host wait for the device (`waits`):
+    syncing operations and copies from an accelerator to the host. A static decode step must have none."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.waits = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        self.ops.append(name)
+        if name in SYNCING_OPS:
+            self.waits.append(name)
+        if name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device") or src.device
+            if src.device.type != "cpu" and torch.device(dst).type == "cpu":
+                self.waits.append(f"{name} {src.device}->cpu")
+        return func(*args, **kwargs)
+
+
 def kernels_per_token(roster, prompt, method: str, **engine_options) -> int:
     """Operations one greedy decode step dispatches (forward, aggregation, argmax), run eagerly: a count, not a
     timing, so it is the same on every run and every machine; the base model's count against RoE's is the launch
