@@ -22,30 +22,34 @@ def _roster(path, dtype=None, **cfg):
     return roster
 
 
-def _decode_all(roster, compile, seeds=(3, 9)):
-    """Prefill the prompts, then STEPS decode steps of greedy tokens; the aggregated log-probs of every step."""
-    ids = [roster.tokenizer(p).input_ids for p in PROMPTS]
+def _decode_all(roster, compile, seeds=(3, 9), prompts=PROMPTS, steps=STEPS, capacity=None):
+    """Prefill the prompts, then `steps` decode steps of greedy tokens; the aggregated log-probs of every step."""
+    ids = [roster.tokenizer(p).input_ids for p in prompts]
     batch, mask = pad_batch(ids, max(map(len, ids)), roster.pad_token_id, left=True)
-    run = roster.new_pass(list(seeds), capacity=batch.shape[1] + STEPS, compile=compile)
+    run = roster.new_pass(list(seeds), capacity=capacity or batch.shape[1] + steps, compile=compile)
     run.prefill(batch[:, :-1], mask[:, :-1])
     current, out = batch[:, -1:], []
-    for _ in range(STEPS):
-        logprobs = run.decode(current)
-        out.append(logprobs)
-        current = logprobs.argmax(-1, keepdim=True)
+    for _ in range(steps):
+        out.append(run.decode(current))
+        current = out[-1].argmax(-1, keepdim=True)
     return torch.stack(out, 1), run
+
+
+def _counting():
+    """A torch.compile backend that keeps the graphs it is given (and runs them as traced)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return graphs, backend
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "qwen2_moe-sliding"])
 def test_decode_step_is_one_graph_that_matches_eager(arch, tiny_path):
     """fullgraph=True raises on any graph break; a counting backend shows one graph for every step and pass."""
     roster = _roster(tiny_path(arch))
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, counting_backend = _counting()
     torch._dynamo.reset()
     eager, _ = _decode_all(roster, compile=None)
     compiled, run = _decode_all(roster, compile=counting_backend)
@@ -60,12 +64,7 @@ def test_decode_step_is_one_graph_that_matches_eager(arch, tiny_path):
 def test_16bit_step_with_transformers_expert_kernel_is_one_graph(arch, tiny_path):
     """What a GPU runs: 16-bit experts keep transformers' grouped_mm kernel (experts.py), inside the one graph."""
     roster = _roster(tiny_path(arch), dtype=torch.bfloat16)
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, counting_backend = _counting()
     torch._dynamo.reset()
     eager, _ = _decode_all(roster, compile=None)
     compiled, _ = _decode_all(roster, compile=counting_backend)
@@ -129,37 +128,16 @@ def test_sync_detector_catches_a_scalar_read(tiny_path):
 
 
 
-def _counting():
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    return graphs, backend
-
-
-def _greedy(roster, prompts, steps, capacity, compile, seeds=None):
-    ids = [roster.tokenizer(p).input_ids for p in prompts]
-    batch, mask = pad_batch(ids, max(map(len, ids)), roster.pad_token_id, left=True)
-    run = roster.new_pass(seeds or list(range(len(prompts))), capacity=capacity, compile=compile)
-    run.prefill(batch[:, :-1], mask[:, :-1])
-    current, out = batch[:, -1:], []
-    for _ in range(steps):
-        out.append(run.decode(current))
-        current = out[-1].argmax(-1, keepdim=True)
-    return torch.stack(out, 1), run
-
-
 def test_a_compiled_pass_rounds_its_batch_up_and_returns_only_the_callers_rows(tiny_path):
     roster = _roster(tiny_path("olmoe"))
     prompts = ["The cat sat", "2+2=4; 3", "once upon"]
     graphs, backend = _counting()
     torch._dynamo.reset()
-    compiled, run = _greedy(roster, prompts, 4, capacity=20, compile=backend)
-    eager, _ = _greedy(roster, prompts, 4, capacity=20, compile=None)
+    compiled, run = _decode_all(roster, backend, [0, 1, 2], prompts, 4, capacity=20)
+    eager, _ = _decode_all(roster, None, [0, 1, 2], prompts, 4, capacity=20)
     assert run.seeds.shape[0] == 4 and run.capacity == 128 and compiled.shape[0] == 3
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    alone, _ = _greedy(roster, prompts[2:], 4, capacity=20, compile=backend, seeds=[2])  # a shape of its own
+    alone, _ = _decode_all(roster, backend, [2], prompts[2:], 4, capacity=20)  # a shape of its own
     torch.testing.assert_close(alone[0], eager[2], atol=1e-5, rtol=1e-5)
     assert len(graphs) == 2
 
@@ -174,7 +152,7 @@ def test_more_shapes_than_torch_compiles_default_limit(tiny_path):
         warnings.simplefilter("error")
         for n in (1, 2, 4):
             for capacity in (100, 200, 300):  # buckets of 128, 256 and 512 slots
-                _greedy(roster, PROMPTS[:1] * n, 2, capacity=capacity, compile=backend)
+                _decode_all(roster, backend, range(n), PROMPTS[:1] * n, 2, capacity)
     assert len(graphs) == 9
 
 
@@ -186,11 +164,11 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(tiny_path, monke
     torch._dynamo.reset()
     monkeypatch.setattr(engine, "COMPILED_SHAPES", 1)
     with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch would delete the option when undoing)
-        _greedy(roster, PROMPTS[:1], 2, capacity=10, compile=backend)
+        _decode_all(roster, backend, [0], PROMPTS[:1], 2, capacity=10)
         with pytest.warns(UserWarning, match="could not build the decode step.*decodes eagerly"):
-            got, run = _greedy(roster, PROMPTS, 3, capacity=10, compile=backend)  # a second shape: over the limit
+            got, run = _decode_all(roster, backend, [0, 1], PROMPTS, 3, capacity=10)  # a second shape: over the limit
     assert run.compile is None and len(graphs) == 1
-    want, _ = _greedy(roster, PROMPTS, 3, capacity=10, compile=None)
+    want, _ = _decode_all(roster, None, [0, 1], PROMPTS, 3, capacity=10)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
