@@ -169,8 +169,28 @@ def test_logprobs_include_the_eos_that_ended_a_completion(roster):
         assert len(lp["token_logprobs"]) == len(ids) + 1
         assert lp["tokens"][-1] == roster.tokenizer.decode([first.token_ids[0]])
         assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()), abs=1e-6)
+        # without echo the log-probs are kept while decoding (no second pass): the same EOS entry, the same value
+        kept = httpx.post(s.url + "/v1/completions", json={**body, "echo": False}, timeout=60).json()["choices"][0]
+        assert kept["finish_reason"] == "stop" and kept["text"] == ""
+        assert kept["logprobs"]["tokens"] == lp["tokens"][-1:]
+        assert kept["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][-1:], abs=1e-5)
     finally:
         s.stop()
+
+
+def test_logprobs_are_kept_while_decoding_without_a_second_pass(client, roster, monkeypatch):
+    """Generated tokens' log-probs come from the decode steps that picked them: scoring is not called."""
+    import roe.server as server_module
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(server_module, "score_positions", no_scoring)
+    out = client.completions.create(model="tiny", prompt="The cat", max_tokens=5, temperature=0, seed=3,
+                                    logprobs=2).choices[0]
+    assert len(out.logprobs.token_logprobs) == len(out.logprobs.top_logprobs) == 5
+    for value, top in zip(out.logprobs.token_logprobs, out.logprobs.top_logprobs):  # greedy: the best is the pick
+        assert 1 <= len(top) <= 2 and value == pytest.approx(max(top.values()), abs=1e-6)  # (texts may collide)
 
 
 def test_chat_logprobs(client):
@@ -370,9 +390,9 @@ def test_clients_that_leave_free_the_queue_and_the_worker(roster, monkeypatch):
     steps = []  # per batch the worker ran: decode steps taken
     real = server_module.decode_steps
 
-    def slow(*args):
+    def slow(*args, **kwargs):
         steps.append(0)
-        for outs in real(*args):
+        for outs in real(*args, **kwargs):
             time.sleep(0.1)  # a slow model: 32 steps would take 3.2 s
             steps[-1] += 1
             yield outs
@@ -415,8 +435,8 @@ def test_shutdown_answers_queued_503_and_bounds_the_wait(roster, monkeypatch):
 
     real = server_module.decode_steps
 
-    def slow(*args):
-        for outs in real(*args):
+    def slow(*args, **kwargs):
+        for outs in real(*args, **kwargs):
             time.sleep(0.1)  # 32 steps: 3.2 s, longer than the 0.5 s graceful timeout
             yield outs
 

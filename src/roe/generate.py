@@ -43,6 +43,9 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    # with top_logprobs: per generated token, and the EOS that ended the completion, (token id, its log-prob,
+    # the top_logprobs most likely (id, log-prob) pairs) under the aggregated distribution that picked it
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 def choose_next(logprobs: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
@@ -85,13 +88,14 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int],
-                 text_each_step: bool = True) -> Iterator[list[Completion]]:
+                 text_each_step: bool = True, top_logprobs: int | None = None) -> Iterator[list[Completion]]:
     """Run the loop for B prompts; yields the completions after every step (finished ones marked).
 
     text_each_step: keep each completion's text current after every step (streaming). Otherwise the text is
     decoded once at the end, and stop strings are looked for in the last few tokens' text after each step, the
     whole text being decoded only where one shows: detokenising a whole completion costs ~65 us at 256 tokens
-    here, so a batch of 64 would spend longer on it every step than a compiled GPU step takes."""
+    here, so a batch of 64 would spend longer on it every step than a compiled GPU step takes.
+    top_logprobs: record each completion's `logprobs` (with that many alternatives per token) as it decodes."""
     B = len(prompt_ids)
     pad = roster.pad_token_id
     ids, mask = pad_batch(prompt_ids, max(len(p) for p in prompt_ids), pad, left=True)
@@ -100,7 +104,7 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
     run.prefill(ids[:, :-1], mask[:, :-1])
     current = ids[:, -1:]  # the last prompt token is the first noisy step (clean cache: noise only on the current token)
     generators = [torch.Generator().manual_seed(noise_seed(s, _SAMPLING_STREAM)) for s in seeds]
-    outs = [Completion(prompt_tokens=len(p)) for p in prompt_ids]
+    outs = [Completion(prompt_tokens=len(p), logprobs=None if top_logprobs is None else []) for p in prompt_ids]
     alive = torch.ones(B, dtype=torch.bool)
     eos = roster.eos_token_ids
     decode = partial(roster.tokenizer.decode, skip_special_tokens=True)
@@ -108,11 +112,17 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
     for _ in range(params.max_new_tokens):
         logprobs = run.decode(current, alive)  # [B, V], aggregated over the K samples
         nxt = choose_next(logprobs, params, generators).cpu()
+        if top_logprobs is not None:
+            chosen = logprobs.gather(1, nxt[:, None].to(logprobs.device))[:, 0].tolist()
+            top = logprobs.topk(top_logprobs, dim=-1) if top_logprobs else None
+            alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())] if top else [[]] * B
         for b in range(B):
             if not alive[b]:
                 continue
             out = outs[b]
             tok = int(nxt[b])
+            if top_logprobs is not None:
+                out.logprobs.append((tok, chosen[b], alts[b]))
             if tok in eos:
                 out.finish_reason = "stop"
                 alive[b] = False

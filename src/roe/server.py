@@ -337,7 +337,10 @@ class Scheduler:
         else:
             sent = [0] * len(batch)
             outs: list[Completion] = []
-            steps = decode_steps(roster, [j.ids for j in batch], params, [j.seed for j in batch])
+            # log-probs of generated tokens are kept as they are decoded; an echo's prompt is scored afterwards
+            wanted = [j.top_n for j in batch if j.top_n is not None and not j.echo]
+            steps = decode_steps(roster, [j.ids for j in batch], params, [j.seed for j in batch],
+                                 top_logprobs=max(wanted) if wanted else None)
             try:
                 for outs in steps:
                     if all(j.cancelled for j in batch):
@@ -355,10 +358,15 @@ class Scheduler:
             job.put(("done", (out, table)))
 
     def _logprobs(self, roster, batch: list[Job], outs: list[Completion]) -> list:
-        """Per job that asked: [(token id, log-prob, [(alternative id, log-prob), ...]), ...] for the scored tokens."""
+        """Per job that asked: [(token id, log-prob, [(alternative id, log-prob), ...]), ...] for the scored tokens:
+        those kept while decoding, or, with echo (the prompt's too), scored afterwards."""
         items, seeds, where = [], [], []
+        tables: list = [None] * len(batch)
         for i, (job, out) in enumerate(zip(batch, outs)):
             if job.top_n is None or job.cancelled:
+                continue
+            if not job.echo and out.logprobs is not None:  # kept while decoding
+                tables[i] = [(tok, lp, alts[: job.top_n]) for tok, lp, alts in out.logprobs]
                 continue
             end = None
             if job.params is not None and out.finish_reason == "stop" and roster.eos_token_ids:
@@ -368,7 +376,6 @@ class Scheduler:
             items.append((job.ids + out.token_ids, 1 if job.echo else len(job.ids), end))
             seeds.append(job.seed)
             where.append(i)
-        tables: list = [None] * len(batch)
         if items:
             top_n = max(batch[i].top_n for i in where)
             for i, table in zip(where, score_positions(roster, items, seeds, top_n)):
