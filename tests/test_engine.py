@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from roe import RoEConfig, RosterOfExperts
-from roe.adapters import ACTIVE, RoutingNoise
+from roe.adapters import ACTIVE, RoutingNoise, cache_kwargs
 from roe.engine import aggregate
 from roe.routing import python_gumbel
 from tiny import SLIDING
@@ -45,11 +45,12 @@ def reference_next_logprobs(roster, tokens, cache):
     if cache == "clean":
         history = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(ids[:, :-1], past_key_values=history, use_cache=True)
+            model(ids[:, :-1], **cache_kwargs(model, history), use_cache=True)
     logits = []
     for k in range(K):
         if cache == "clean":  # the clean history, copied; noise only on the current token
-            kw = dict(input_ids=ids[:, -1:], past_key_values=copy.deepcopy(history), position_ids=torch.tensor([[n - 1]]))
+            kw = dict(input_ids=ids[:, -1:], **cache_kwargs(model, copy.deepcopy(history)),
+                      position_ids=torch.tensor([[n - 1]]))
             per_layer = _noise(roster, k, g[-1:])
             logits.append(_forward_with_noise(model, per_layer, 1, **kw))
         else:  # the whole sequence recomputed with this sample's noise everywhere

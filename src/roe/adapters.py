@@ -11,6 +11,7 @@ RoE pass the hooks return nothing, so the model behaves exactly as before;
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,16 @@ class RouterAdapter:
 
 
 ADAPTERS: dict[str, RouterAdapter] = {}
+
+
+def cache_argument(model) -> str:
+    """The forward keyword that takes a KV cache: `cache` from transformers 5.24 on (which warns on
+    `past_key_values`), `past_key_values` before; read off the model's own signature."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, kv_cache) -> dict:
+    return {cache_argument(model): kv_cache}
 
 
 def register(model_type: str, adapter: RouterAdapter) -> None:

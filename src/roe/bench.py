@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from . import adapters
-from .adapters import ACTIVE, RoutingNoise, find_experts
+from .adapters import ACTIVE, RoutingNoise, cache_kwargs, find_experts
 from .engine import aggregate, cache_bytes
 from .routing import NOISE_VERSION, gumbel
 
@@ -249,12 +249,12 @@ def run_base(roster, prompt, new_tokens, meter=_NoMeter()) -> _Run:
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(prompt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
         _sync(device)
         t1, e1 = time.perf_counter(), meter.energy()
         for _ in range(new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
-            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+            logits = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
         _sync(device)
         t2, e2 = time.perf_counter(), meter.energy()
     return _Run(t1 - t0, t2 - t1, cache_bytes(cache), _joules(e1, e2))
@@ -350,7 +350,7 @@ def run_independent(roster, prompt, new_tokens, meter=_NoMeter()) -> _Run:
     def step(ids, j, **kw):
         token = ACTIVE.set(_noise_for_one_row(roster, g, ids.shape[1]) if j else None)
         try:
-            return model(ids, past_key_values=caches[j], use_cache=True, **kw).logits[:, -1:]
+            return model(ids, **cache_kwargs(model, caches[j]), use_cache=True, **kw).logits[:, -1:]
         finally:
             ACTIVE.reset(token)
 
@@ -463,9 +463,9 @@ def kernels_per_token(roster, prompt, method: str, **engine_options) -> int:
     with torch.inference_mode():
         if method == "base":
             cache = DynamicCache(config=roster.model.config)
-            roster.model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            roster.model(prompt, **cache_kwargs(roster.model, cache), use_cache=True, logits_to_keep=1)
             with _KernelCounter() as counter:
-                logits = roster.model(prompt[:, -1:], past_key_values=cache, use_cache=True).logits
+                logits = roster.model(prompt[:, -1:], **cache_kwargs(roster.model, cache), use_cache=True).logits
                 logits[:, -1].argmax(-1, keepdim=True)
             return counter.count
         run = _eager(roster).new_pass([roster.config.seed], **engine_options)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 from . import experts as expert_dispatch
-from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, find_moe_layers
+from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, cache_argument, find_moe_layers
 from .routing import gumbel_noise
 
 CLEAN_ATTENTION = "roe_clean"
@@ -371,6 +371,7 @@ class RoEPass:
                  fold_samples: bool = True, choose_dispatch: bool = True, aggregate: str = "probs",
                  capacity: int | None = None, compile: str | None = None):
         self.model = model
+        self.cache_arg = cache_argument(model)  # the forward keyword of the KV cache in this transformers
         self.taus = taus
         self.num_experts = num_experts
         self.k = num_samples
@@ -520,7 +521,7 @@ class RoEPass:
             positions = (self.next_pos + mask.long().cumsum(1) - 1).clamp(min=0)  # [B, S]
             slots = torch.arange(start, end, device=self.device)
             step = self._step(k, positions, slots, self.valid[:, :end])
-            kwargs = dict(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True,
+            kwargs = dict(input_ids=ids, position_ids=positions, **{self.cache_arg: self.cache}, use_cache=True,
                           logits_to_keep=logits_to_keep)
             if not self.clean:  # the model's own attention; its mask is built for B rows and widened at the fan-out
                 kwargs["attention_mask"] = self.valid[:, :end].long()
@@ -613,7 +614,7 @@ def decode_step(run: RoEPass, ids: torch.Tensor, alive: torch.Tensor) -> torch.T
     valid-slot mask) is a device tensor advanced in place, so the step compiles as one graph without breaks.
     """
     run.valid.index_copy_(1, run.slot, alive[:, None])
-    logits = run.model(input_ids=ids, position_ids=run.next_pos, past_key_values=run.cache, use_cache=True).logits
+    logits = run.model(input_ids=ids, position_ids=run.next_pos, **{run.cache_arg: run.cache}, use_cache=True).logits
     run.next_pos.add_(alive[:, None].long())
     run.slot.add_(1)
     B = ids.shape[0]

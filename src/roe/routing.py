@@ -18,57 +18,117 @@ import torch
 import torch.nn.functional as F
 
 # Version of the noise layout: which Gumbel draw belongs to which (seed, position, sample, MoE layer, expert).
-# Profiles and benchmark files record it; version 2 is the counter-based hash below (version 1 drew from a
-# host-side torch.Generator per (seed, position)), so the same seed gives other tokens than under version 1.
-NOISE_VERSION = 2
+# Profiles and benchmark files record it. Version 1 drew from a host-side torch.Generator per (seed, position);
+# version 2 was a 64-bit splitmix hash with a float64 Gumbel transform, which inductor's AVX-512 code computed
+# differently from eager (int64 -> float64 conversion in its vector loops); version 3 is the integer-only hash
+# and fixed-point transform below. Each version gives other tokens than the one before for the same seed.
+NOISE_VERSION = 3
 
 _MASK64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (the golden ratio in 64 bits)
+_MASK32 = (1 << 32) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (the golden ratio in 64 bits), for host-side seeds
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_GAMMA32 = 0x9E3779B9  # the golden ratio in 32 bits: the per-expert counter's step
+_LOWBIAS = (0x7FEB352D, 0x846CA68B)  # the multipliers of Wellons' lowbias32 mixer
+_KEY_STARTS = (0x243F6A88, 0x85A308D3)  # two independent 32-bit key chains (digits of pi) make a 64-bit key
 SEED_RANGE = (0, 1 << 63)  # seeds are stored as int64 tensors
+_FIXED_BITS = 19  # the Gumbel values in fixed point: |G| < 23, times 2**19 stays below 2**24 (exact in float32)
 
 
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
+def _mul32(x, c: int):
+    """x * c mod 2**32 for x in [0, 2**32): two 16-bit halves of c, so no product leaves [0, 2**49)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 
-def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic on signed integers)."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
+def _mix32(x):
+    """lowbias32 (Wellons): a bijection of [0, 2**32) with full avalanche; tensors or Python integers."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _LOWBIAS[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, _LOWBIAS[1])
+    return x ^ (x >> 16)
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2**64 on CPU and CUDA)."""
-    x = (x ^ _srl(x, 30)) * _signed(_MIX1)
-    x = (x ^ _srl(x, 27)) * _signed(_MIX2)
-    return x ^ _srl(x, 31)
+def _gumbel_knots(base: int, cell_bits: int, cells: int) -> list[int]:
+    """-log(-log(u)) in fixed point at the uniforms (base + j * 2**cell_bits + 0.5) / 2**32, j < cells, and at the
+    last uniform of the range: knots for linear interpolation over `cells` cells of 2**cell_bits values each."""
+    points = [base + (j << cell_bits) for j in range(cells)] + [base + (cells << cell_bits) - 1]
+    return [round(-math.log(-math.log((b + 0.5) * 2.0**-32)) * (1 << _FIXED_BITS)) for b in points]
 
 
-def noise_key(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tensor,
-              layer: int | torch.Tensor) -> torch.Tensor:
-    """A 64-bit key per (seed, position, sample, MoE layer); broadcastable int64 tensors in, int64 out."""
-    h = _mix(seed.long() + _signed(_GAMMA))
-    h = _mix(h ^ position.long())
-    h = _mix(h ^ sample.long())
-    return _mix(h ^ (layer.long() if isinstance(layer, torch.Tensor) else int(layer)))
+# One table: 65,536 cells over all 32-bit uniforms, then 256 finer cells inside each outermost cell, where
+# -log(-log(u)) is too curved for a straight line (its tails). Integers, made once from float64 math rounded
+# to 2**-19, so every device that is given the table computes the same noise.
+_KNOTS = _gumbel_knots(0, 16, 1 << 16) + _gumbel_knots(0, 8, 256) + _gumbel_knots(0xFFFF << 16, 8, 256)
+_LOW_TAIL, _HIGH_TAIL = (1 << 16) + 1, (1 << 16) + 258  # where the two tails' knots start
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def gumbel_table(device) -> torch.Tensor:
+    """The knots as an int64 tensor on `device`, made once per device."""
+    device = torch.device(device)
+    if device not in _TABLES:
+        _TABLES[device] = torch.tensor(_KNOTS, dtype=torch.long, device=device)
+    return _TABLES[device]
+
+
+def _key_words(parts: list) -> list:
+    """Two 32-bit words of key from non-negative int64 parts (the seed in two halves, then the rest)."""
+    words = []
+    for start in _KEY_STARTS:
+        h = _mix32(start ^ parts[0])
+        for p in parts[1:]:
+            h = _mix32(h ^ p)
+        words.append(h)
+    return words
+
+
+def _key_parts(seed, position, sample, layer) -> list:
+    # seeds in [0, 2**63) split into two words; positions, samples and layers are below 2**32
+    return [seed & _MASK32, seed >> 32, position & _MASK32, sample & _MASK32, layer & _MASK32]
+
+
+def _lerp(knot, i, fraction, bits: int):
+    lo = knot(i)
+    return lo + (((knot(i + 1) - lo) * fraction) >> bits)  # knots increase: the product stays non-negative
+
+
+def _where(condition, a, b):
+    return torch.where(condition, a, b) if isinstance(condition, torch.Tensor) else (a if condition else b)
+
+
+def _fixed_gumbel(bits, knot):
+    """32 uniform bits -> Gumbel in fixed point, by linear interpolation between knots, in integers: the top 16
+    bits pick a cell and the low 16 its fraction; in the two outermost cells the low bits pick a finer cell."""
+    top, low = bits >> 16, bits & 0xFFFF
+    main = _lerp(knot, top, low, 16)
+    tail = _lerp(knot, _where(top == 0, _LOW_TAIL, _HIGH_TAIL) + (low >> 8), low & 0xFF, 8)
+    return _where((top == 0) | (top == 0xFFFF), tail, main)
 
 
 def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tensor, layer: int | torch.Tensor,
                  num_experts: int) -> torch.Tensor:
     """Standard Gumbel noise [..., num_experts] (float32) for (seed, position, sample, MoE layer, expert).
 
-    A pure function, computed with integer tensor operations wherever its inputs live (no generator, no host
-    loop): expert e of a key draws splitmix64's e-th output, whose top 24 bits give u in (0, 1), exactly
-    representable in float32. The uniforms are bit-identical on every device; the Gumbel transform
-    -log(-log(u)) runs in float64 and is rounded to float32, so devices agree up to that rounding.
+    A pure function of broadcastable int64 tensors, computed wherever its inputs live (no generator, no host
+    loop). Bit-identical eagerly, under inductor's C++ (any vector width) and under Triton by construction:
+    every value is a non-negative integer below 2**49 (32-bit words; products split into 16-bit halves), so
+    +, *, ^, & and >> have one meaning everywhere: no wrap-around, no sign bit, no floating-point rounding.
+    Expert e draws 32 bits b from the key (two 32-bit words of seed, position, sample, layer) and a counter;
+    G = -log(-log(u)) at u = (b + 0.5) / 2**32 comes from a table of knots in fixed point (2**-19), linearly
+    interpolated in integers (within 3e-6 of the exact value for u in (2**-8, 1 - 2**-8),
+    within 0.06 but in the outermost 2**-24 of either tail);
+    the result is an integer below 2**24 times 2**-19, exact in float32.
     `layer` counts MoE layers (0 = the first MoE layer), `sample` the K samples (0 = the clean one, whose
     noise callers ignore), `position` the token's absolute position, padding not counted.
     """
-    key = noise_key(seed, position, sample, layer)[..., None]  # [..., 1]
-    counter = torch.arange(1, num_experts + 1, device=key.device, dtype=torch.long) * _signed(_GAMMA)
-    bits = _srl(_mix(key + counter), 40)  # [..., E], 24 uniform bits
-    u = (bits.double() + 0.5) * 2.0**-24
-    return (-torch.log(-torch.log(u))).float()
+    layer = layer if isinstance(layer, torch.Tensor) else torch.tensor(int(layer), device=seed.device)
+    first, second = _key_words(_key_parts(seed.long(), position.long(), sample.long(), layer.long()))
+    counter = _mul32(torch.arange(1, num_experts + 1, device=seed.device, dtype=torch.long), _GAMMA32)  # [E]
+    bits = _mix32(_mix32(first[..., None] ^ counter) ^ second[..., None])  # [..., E], 32 uniform bits
+    table = gumbel_table(seed.device)
+    fixed = _fixed_gumbel(bits, lambda i: table[i])
+    return fixed.float() * 2.0**-_FIXED_BITS
 
 
 def gumbel(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
@@ -79,7 +139,7 @@ def gumbel(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
 
 
 def _mix_int(x: int) -> int:
-    """`_mix` on a Python integer."""
+    """splitmix64's finaliser on a Python integer."""
     x = (x ^ (x >> 30)) * _MIX1 & _MASK64
     x = (x ^ (x >> 27)) * _MIX2 & _MASK64
     return x ^ (x >> 31)
@@ -95,12 +155,10 @@ def noise_seed(*parts: int) -> int:
 
 def python_gumbel(seed: int, position: int, sample: int, layer: int, expert: int) -> float:
     """The same draw as `gumbel_noise`, in plain Python integers: an independent reference for tests."""
-    h = _mix_int((seed + _GAMMA) & _MASK64)
-    for part in (position, sample, layer):
-        h = _mix_int(h ^ (part & _MASK64))
-    bits = _mix_int((h + (expert + 1) * _GAMMA) & _MASK64) >> 40
-    u = (bits + 0.5) * 2.0**-24
-    return -math.log(-math.log(u))
+    first, second = _key_words(_key_parts(seed, position, sample, layer))
+    counter = (expert + 1) * _GAMMA32 & _MASK32
+    bits = _mix32(_mix32(first ^ counter) ^ second)
+    return _fixed_gumbel(bits, _KNOTS.__getitem__) * 2.0**-_FIXED_BITS
 
 
 def layer_taus(tau: float | Sequence[float], skip_layers: int, num_moe_layers: int) -> list[float]:
