@@ -106,7 +106,7 @@ def test_noise_is_keyed_by_seed_position_sample_and_layer():
 def test_overflow_free_32_bit_multiply_is_the_modular_product():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 2**32, (10_000,), generator=g)
-    for c in (*routing._LOWBIAS, routing._GAMMA32, 0xFFFFFFFF, 1):
+    for c in (*routing._LOWBIAS, routing._GAMMA32, 2**31 - 1, 1):
         expected = torch.tensor([v * c % 2**32 for v in x.tolist()])
         assert torch.equal(routing._mul32(x, c), expected)
 

@@ -28,16 +28,18 @@ _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (the golden ratio in 64 bits), for host-side seeds
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-_GAMMA32 = 0x9E3779B9  # the golden ratio in 32 bits: the per-expert counter's step
-_LOWBIAS = (0x7FEB352D, 0x846CA68B)  # the multipliers of Wellons' lowbias32 mixer
+_GAMMA32 = 0x4F1BBCDD  # the golden ratio in 32 bits, halved (below 2**31): the per-expert counter's step
+# Wellons' lowbias32 mixer with the multipliers of his lower-bias variant: both below 2**31, so a product with a
+# 32-bit word stays below 2**63 (no int64 overflow, no split multiply: short expressions for the code generators)
+_LOWBIAS = (0x21F0AAAD, 0x735A2D97)
 _KEY_STARTS = (0x243F6A88, 0x85A308D3)  # two independent 32-bit key chains (digits of pi) make a 64-bit key
 SEED_RANGE = (0, 1 << 63)  # seeds are stored as int64 tensors
 _FIXED_BITS = 19  # the Gumbel values in fixed point: |G| < 23, times 2**19 stays below 2**24 (exact in float32)
 
 
 def _mul32(x, c: int):
-    """x * c mod 2**32 for x in [0, 2**32): two 16-bit halves of c, so no product leaves [0, 2**49)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+    """x * c mod 2**32 for x in [0, 2**32) and c in [0, 2**31): the product stays below 2**63."""
+    return (x * c) & _MASK32
 
 
 def _mix32(x):
@@ -46,7 +48,7 @@ def _mix32(x):
     x = _mul32(x, _LOWBIAS[0])
     x = x ^ (x >> 15)
     x = _mul32(x, _LOWBIAS[1])
-    return x ^ (x >> 16)
+    return x ^ (x >> 15)
 
 
 def _gumbel_knots(base: int, cell_bits: int, cells: int) -> list[int]:
@@ -112,7 +114,7 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tenso
 
     A pure function of broadcastable int64 tensors, computed wherever its inputs live (no generator, no host
     loop). Bit-identical eagerly, under inductor's C++ (any vector width) and under Triton by construction:
-    every value is a non-negative integer below 2**49 (32-bit words; products split into 16-bit halves), so
+    every value is a non-negative integer below 2**63 (32-bit words times multipliers below 2**31), so
     +, *, ^, & and >> have one meaning everywhere: no wrap-around, no sign bit, no floating-point rounding.
     Expert e draws 32 bits b from the key (two 32-bit words of seed, position, sample, layer) and a counter;
     G = -log(-log(u)) at u = (b + 0.5) / 2**32 comes from a table of knots in fixed point (2**-19), linearly
