@@ -62,12 +62,56 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(arch: str, seed: int = 0):
     model_type, overrides = SLIDING.get(arch, (arch, {}))
     cfg = AutoConfig.for_model(model_type, **{**COMMON, **ARCHS[model_type], **overrides})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # random routers spread over experts; a larger init makes routing decisive
-        for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")):
-                p.normal_(0, 1.0)
+    return init_decisive(AutoModelForCausalLM.from_config(cfg), seed)  # every random weight comes from seed
+
+
+# below a layer's output (about unit scale): the residual stream is mostly the layers' work, so removing them
+# changes the outputs (with 1.0, up to 26% of the greedy choices stayed; pre-norm layers see unit scale anyway)
+EMBED_STD = 0.5
+ROUTER_SUFFIXES = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight")
+LOGIT_STD = 3.0  # the spread of the logits: a clear greedy choice, yet sampling still has several tokens to pick from
+# the spread of the router logits: a clear top-k choice, yet tau = 0.5 flips some of them, and the second expert's
+# softmax weight is not negligible (where the top-k weights are not renormalised: olmoe, flex_olmo, qwen3_moe)
+ROUTER_LOGIT_STD = 2.0
+
+
+@torch.no_grad()
+def init_decisive(model, seed: int):
+    """Re-initialise a randomly built model so that every layer and every routing choice shows in its outputs.
+
+    transformers' initializer_range (0.02 for every weight) leaves each layer's output tiny next to its input
+    and the logits nearly flat (std about 0.1): with every decoder layer removed, 27-52% of the greedy
+    choices stayed the same (tests/test_tiny.py). Here every matrix is normal(0, 1/sqrt(fan_in)), so a layer's
+    output is about unit scale, larger than the embeddings (EMBED_STD); lm_head gives logits of std LOGIT_STD and
+    the routers router logits of std ROUTER_LOGIT_STD. Biases, gpt_oss's attention sinks and the expert-score
+    correction biases are random, so a code path that drops one of them changes the outputs. Norm weights stay 1.
+    The same seed gives the same weights.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal_(tensor, std):
+        tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+
+    hidden = model.config.hidden_size
+    for name, module in model.named_modules():
+        # expert weights: [E, out, in], or [E, in, out] where the experts class says is_transposed (gpt_oss)
+        fan_in_dim = 1 if getattr(module, "is_transposed", False) else -1
+        for pname, p in module.named_parameters(prefix=name, recurse=False):
+            if pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
+                normal_(p, ROUTER_LOGIT_STD / p.shape[-1] ** 0.5)
+            elif pname == "model.embed_tokens.weight":
+                normal_(p, EMBED_STD)
+            elif pname == "lm_head.weight":  # the final norm gives unit-scale hidden states
+                normal_(p, LOGIT_STD / hidden ** 0.5)
+            elif p.dim() >= 2:
+                normal_(p, p.shape[fan_in_dim] ** -0.5)
+            elif pname.endswith(("bias", "sinks")):  # next to unit-scale activations (sinks: attention scores)
+                # the correction biases shift router probabilities or sigmoid scores (ernie's moe_statics here)
+                normal_(p, 0.1 if "correction" in pname else 0.5)
+            # else a norm weight: stays 1
+        for bname, b in module.named_buffers(prefix=name, recurse=False):
+            if bname.endswith("e_score_correction_bias"):  # deepseek_v3, glm4_moe, dots1: added to sigmoid scores
+                normal_(b, 0.1)
     return model.eval()
 
 

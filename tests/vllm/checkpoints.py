@@ -5,15 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny import tiny_tokenizer  # noqa: E402  (the main suite's character tokenizer)
+from tiny import init_decisive, tiny_tokenizer  # noqa: E402  (the main suite's tokenizer and weights)
 
 COMMON = dict(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 ARCHS = {
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
@@ -35,12 +34,8 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% 
 
 def save(arch: str, path: Path, seed: int = 0) -> Path:
     cfg = AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch]})
-    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # router logits of spread ~2: routing matters, and tau = 0.5 flips some choices
-        for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight", "router.layer.weight")):
-                p.normal_(0, 0.2)
+    init_decisive(model, seed)  # router logits of spread ~2: routing matters, and tau = 0.5 flips some choices
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
