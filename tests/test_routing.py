@@ -155,6 +155,8 @@ def test_layer_taus():
         (dict(aggregate="vote"), "aggregate must be one of"),
         (dict(cache="paged"), "cache must be one of"),
         (dict(seed=None), "seed"),
+        (dict(seed=-1), "seed must be an integer in \\[0, 2\\*\\*63\\), got -1"),
+        (dict(seed=2**63), "seed must be an integer in \\[0, 2\\*\\*63\\)"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):

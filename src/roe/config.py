@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+SEED_RANGE = (0, 1 << 63)  # seeds are stored as int64 tensors and must be non-negative for the noise hash
+
 AGGREGATES = ("probs", "logits", "logprobs")
 CACHES = ("clean", "full")
 
@@ -46,6 +48,8 @@ class RoEConfig:
             raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
 
     def replace(self, **changes) -> RoEConfig:
         unknown = set(changes) - {f for f in self.__dataclass_fields__ if f != "extra"}

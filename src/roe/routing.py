@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import SEED_RANGE  # noqa: F401  (re-exported: it lived here before)
+
 # Version of the noise layout: which Gumbel draw belongs to which (seed, position, sample, MoE layer, expert).
 # Profiles and benchmark files record it. Version 1 drew from a host-side torch.Generator per (seed, position);
 # version 2 was a 64-bit splitmix hash with a float64 Gumbel transform, which inductor's AVX-512 code computed
@@ -33,7 +35,6 @@ _GAMMA32 = 0x4F1BBCDD  # the golden ratio in 32 bits, halved (below 2**31): the 
 # 32-bit word stays below 2**63 (no int64 overflow, no split multiply: short expressions for the code generators)
 _LOWBIAS = (0x21F0AAAD, 0x735A2D97)
 _KEY_STARTS = (0x243F6A88, 0x85A308D3)  # two independent 32-bit key chains (digits of pi) make a 64-bit key
-SEED_RANGE = (0, 1 << 63)  # seeds are stored as int64 tensors
 _FIXED_BITS = 19  # the Gumbel values in fixed point: |G| < 23, times 2**19 stays below 2**24 (exact in float32)
 
 

@@ -17,6 +17,8 @@ BAD = [
      "roe: 'LlamaForCausalLM' is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"),
     ("gpt_oss", {"num_samples": 8, "tau": 0.3},
      "roe: 'GptOssForCausalLM' is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"),
+    ("olmoe", {"num_samples": 8, "tau": 0.3, "seed": 2**64}, "roe: seed must be an integer in [0, 2**63), got"),
+    ("olmoe", {"num_samples": 8, "tau": 0.3, "seed": -1}, "roe: seed must be an integer in [0, 2**63), got -1"),
 ]
 
 
@@ -29,7 +31,8 @@ def _messages(exc: BaseException) -> list[str]:
 
 
 @pytest.mark.parametrize("arch,roe,message", BAD, ids=["unknown-field", "k0", "negative-tau", "tau-length",
-                                                         "full-cache", "dense", "not-ported"])
+                                                         "full-cache", "dense", "not-ported", "seed-2**64",
+                                                         "seed-negative"])
 def test_bad_settings_refuse_to_start(checkpoint, arch, roe, message):
     with pytest.raises(Exception) as info:
         llm = start_llm(checkpoint(arch), roe=roe)
