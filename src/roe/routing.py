@@ -125,8 +125,8 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, sample: torch.Tenso
     `layer` counts MoE layers (0 = the first MoE layer), `sample` the K samples (0 = the clean one, whose
     noise callers ignore), `position` the token's absolute position, padding not counted.
     """
-    layer = layer if isinstance(layer, torch.Tensor) else torch.tensor(int(layer), device=seed.device)
-    first, second = _key_words(_key_parts(seed.long(), position.long(), sample.long(), layer.long()))
+    layer = layer.long() if isinstance(layer, torch.Tensor) else int(layer)  # an int needs no tensor (no copy)
+    first, second = _key_words(_key_parts(seed.long(), position.long(), sample.long(), layer))
     counter = _mul32(torch.arange(1, num_experts + 1, device=seed.device, dtype=torch.long), _GAMMA32)  # [E]
     bits = _mix32(_mix32(first[..., None] ^ counter) ^ second[..., None])  # [..., E], 32 uniform bits
     table = gumbel_table(seed.device)
