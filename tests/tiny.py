@@ -35,6 +35,22 @@ ARCHS = {
                   moe_intermediate_size=16, n_shared_experts=1, head_dim=8),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_layer_start_index=0,
                          moe_num_shared_experts=0, head_dim=8),
+    # arch-b: llama4_text, dbrx, jetmoe, longcat_flash
+    # Llama 4: top-1 sigmoid router; layers 0-2 chunked local attention (chunk 4, shorter than the test prompts
+    # plus their generations) with RoPE and qk norm, layer 3 NoPE with full attention
+    "llama4_text": dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=32, head_dim=8,
+                        attention_chunk_size=4, no_rope_layer_interval=4),
+    # clip_qkv 1.0 clips a good share of the unit-scale q/k/v: a path that skipped it would show
+    # d_model as well as its alias hidden_size: DbrxConfig copies d_model into ffn_config before the alias is set
+    "dbrx": dict(d_model=32, ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0),
+                 attn_config=dict(kv_n_heads=2, clip_qkv=1.0, rope_theta=10000.0)),  # rope_theta: read there
+    # num_attention_heads is derived: num_key_value_heads * num_experts_per_tok
+    "jetmoe": dict(num_local_experts=8, num_experts_per_tok=2, kv_channels=8),
+    # 4 decoder layers, each 2 MLA attention blocks (8 cache layers), 2 dense MLPs and 1 MoE; 8 routed experts
+    # and 2 zero-computation (identity) experts among the 10 the router scores
+    "longcat_flash": dict(num_hidden_layers=8, n_routed_experts=8, zero_expert_num=2, moe_topk=2,
+                          expert_ffn_hidden_size=16, routed_scaling_factor=2.0, q_lora_rank=16, kv_lora_rank=16,
+                          qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4, num_key_value_heads=4),
 }
 
 # sliding-window variants of the architectures that have one: name -> (model_type, config overrides).
@@ -68,7 +84,7 @@ def tiny_model(arch: str, seed: int = 0):
 # below a layer's output (about unit scale): the residual stream is mostly the layers' work, so removing them
 # changes the outputs (with 1.0, up to 26% of the greedy choices stayed; pre-norm layers see unit scale anyway)
 EMBED_STD = 0.5
-ROUTER_SUFFIXES = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight")
+ROUTER_SUFFIXES = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.classifier.weight")
 LOGIT_STD = 3.0  # the spread of the logits: a clear greedy choice, yet sampling still has several tokens to pick from
 # the spread of the router logits: a clear top-k choice, yet tau = 0.5 flips some of them, and the second expert's
 # softmax weight is not negligible (where the top-k weights are not renormalised: olmoe, flex_olmo, qwen3_moe)
@@ -99,7 +115,7 @@ def init_decisive(model, seed: int):
         for pname, p in module.named_parameters(prefix=name, recurse=False):
             if pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
                 normal_(p, ROUTER_LOGIT_STD / p.shape[-1] ** 0.5)
-            elif pname == "model.embed_tokens.weight":
+            elif pname in ("model.embed_tokens.weight", "transformer.wte.weight"):  # transformer.wte: DBRX
                 normal_(p, EMBED_STD)
             elif pname == "lm_head.weight":  # the final norm gives unit-scale hidden states
                 normal_(p, LOGIT_STD / hidden ** 0.5)

@@ -23,11 +23,50 @@ from torch import nn
 from . import routing
 
 
+def _triple_logits(router, output):
+    # (logits, weights, indices); GraniteMoe before transformers 5.18 returned them the other way round
+    return output[-1] if not output[0].is_floating_point() else output[0]
+
+
+def _triple_indices(router, output):
+    return output[0] if not output[0].is_floating_point() else output[2]
+
+
+def _triple_write(router, output, rows, weights, idx):
+    index_first = not output[0].is_floating_point()
+    logits, old_w, old_idx = output[::-1] if index_first else output
+    new_w = torch.where(rows, weights.to(old_w.dtype), old_w)
+    new_idx = torch.where(rows, idx.to(old_idx.dtype), old_idx)
+    return (new_idx, new_w, logits) if index_first else (logits, new_w, new_idx)
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """Where a router family keeps its choice, and how the noisy rows' choice replaces it.
+
+    logits(router, out) -> [T, E]; indices(router, out) -> [T, k] (the clean choice, for recording);
+    write(router, out, rows [T, 1] bool, weights [T, k], indices [T, k]) -> out with the rows' choice replaced.
+    out is the router module's output, or with on_experts the (args, kwargs) of the MoE block's experts
+    module (a forward pre-hook): for blocks whose router returns logits only and that choose themselves.
+    """
+
+    logits: Callable = _triple_logits
+    indices: Callable = _triple_indices
+    write: Callable = _triple_write
+    on_experts: bool = False
+
+
+TRIPLE = RouterOutput()  # transformers 5.x routers: (router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])
+
+
 @dataclass(frozen=True)
 class RouterAdapter:
     block_attr: str  # attribute of a decoder layer that holds the MoE block
-    router_attr: str  # attribute of the MoE block that holds the router
+    router_attr: str  # attribute of the MoE block that holds the router ("": the block itself is the router)
     select: Callable  # (router, logits [T, E], noise [T, E]) -> (weights [T, k], indices [T, k])
+    output: RouterOutput = TRIPLE  # how the router's choice is read and replaced
+    layers: str = "model.layers"  # where the decoder layers are, from the causal-LM model
+    num_experts_attr: str = "num_experts"  # the router's attribute that counts its logits (the noise's width)
 
 
 ADAPTERS: dict[str, RouterAdapter] = {}
@@ -68,6 +107,68 @@ register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
 
 
+# --- arch-b: llama4_text, dbrx, jetmoe, longcat_flash ----------------------------------------------
+
+
+def _scores_write(router, out, rows, weights, idx):
+    """Llama 4's router returns (scores [T, E]: sigmoid of the chosen logits, 0 elsewhere; logits [T, E])."""
+    scores, logits = out
+    noisy = torch.zeros_like(scores).scatter(1, idx, weights.to(scores.dtype))
+    return torch.where(rows, noisy, scores), logits
+
+
+LLAMA4_OUTPUT = RouterOutput(logits=lambda router, out: out[1],
+                             indices=lambda router, out: torch.topk(out[1], router.top_k, dim=1).indices,
+                             write=_scores_write)
+
+
+def _jetmoe_write(router, out, rows, weights, idx):
+    """JetMoE's gating returns its choice sorted by expert, as its experts read it: (index_sorted_experts,
+    batch_index, batch_gates, expert_size, logits). The clean choice is recomputed as the gating computes it,
+    the noisy rows' replaces it, and the sorted layout is rebuilt the gating's way."""
+    logits, dtype = out[4], out[2].dtype
+    clean_logits, clean_idx = logits.topk(router.top_k, dim=1)
+    gates = torch.where(rows, weights.to(dtype), torch.softmax(clean_logits, dim=1).type(dtype))  # [T, k]
+    idx = torch.where(rows, idx.to(clean_idx.dtype), clean_idx)  # [T, k]
+    expert_size = torch.zeros_like(logits, dtype=torch.long).scatter(1, idx, 1).sum(0).tolist()
+    _, index_sorted = idx.flatten().sort(0)
+    batch_index = index_sorted.div(router.top_k, rounding_mode="trunc")
+    return index_sorted, batch_index, gates.flatten()[index_sorted], expert_size, logits
+
+
+JETMOE_OUTPUT = RouterOutput(logits=lambda router, out: out[4],
+                             indices=lambda router, out: out[4].topk(router.top_k, dim=1).indices,
+                             write=_jetmoe_write)
+
+
+def _experts_inputs(out):
+    """(hidden [.., D], top_k_index [T, k], top_k_weights [T, k]) from an experts call's (args, kwargs)."""
+    args, kwargs = out
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    return [args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names)]
+
+
+def _experts_write(block, out, rows, weights, idx):
+    hidden, old_idx, old_w = _experts_inputs(out)
+    new_idx = torch.where(rows, idx.to(old_idx.dtype), old_idx)
+    new_w = torch.where(rows, weights.to(old_w.dtype), old_w)
+    return (hidden, new_idx, new_w), {}
+
+
+# DBRX's router returns logits and its FFN block chooses: the choice is replaced where the experts receive it,
+# and the logits are the router's own, recomputed on the same input (one [T, D] x [D, E] product)
+BLOCK_CHOOSES = RouterOutput(logits=lambda block, out: block.router(_experts_inputs(out)[0]),
+                             indices=lambda block, out: _experts_inputs(out)[1],
+                             write=_experts_write, on_experts=True)
+
+register("llama4_text", RouterAdapter("feed_forward", "router", routing.topk_sigmoid, output=LLAMA4_OUTPUT))
+register("dbrx", RouterAdapter("ffn", "", routing.softmax_topk_pnorm, output=BLOCK_CHOOSES,
+                               layers="transformer.blocks", num_experts_attr="experts.num_experts"))
+# the MLP router only: JetMoE's attention experts (its MoA router) stay the model's own choice, see README
+register("jetmoe", RouterAdapter("mlp", "router", routing.topk_softmax, output=JETMOE_OUTPUT))
+register("longcat_flash", RouterAdapter("mlp", "router", routing.softmax_bias_scaled,
+                                        num_experts_attr="n_routed_experts"))
+
 def supported_architectures() -> list[str]:
     """transformers `model_type` names that RoE can wrap."""
     return sorted(ADAPTERS)
@@ -77,12 +178,38 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def _attribute_path(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name, None) if name else obj
+    return obj
+
+
 def _decoder_layers(model: nn.Module):
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
+    adapter = ADAPTERS.get(getattr(model.config, "model_type", None))
+    path = adapter.layers if adapter is not None else "model.layers"
+    layers = _attribute_path(model, path)
+    if layers is None and path == "model.layers":  # a bare decoder (no causal-LM head around it)
+        layers = getattr(model, "layers", None)
     if layers is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at .model.layers")
+        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at .{path}")
     return layers
+
+
+def num_experts(model: nn.Module, router: nn.Module) -> int:
+    """How many logits a router scores: the width of its noise (LongCat's zero-computation experts count)."""
+    return int(_attribute_path(router, ADAPTERS[model.config.model_type].num_experts_attr))
+
+
+def attention_owners(model: nn.Module) -> dict[int, int]:
+    """Cache layer index -> decoder layer index, for models with several attention blocks per decoder layer
+    (LongCat-Flash: decoder layer i holds cache layers 2i and 2i+1). Read off the submodules' `layer_idx`."""
+    owners = {}
+    for i, layer in enumerate(_decoder_layers(model)):
+        for module in layer.modules():
+            idx = getattr(module, "layer_idx", None)
+            if module is not layer and isinstance(idx, int):
+                owners[idx] = i
+    return owners
 
 
 def find_routers(model: nn.Module) -> list[nn.Module]:
@@ -111,7 +238,7 @@ def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     routers = []
     for i, layer in enumerate(_decoder_layers(model)):
         block = getattr(layer, adapter.block_attr, None)
-        router = getattr(block, adapter.router_attr, None) if block is not None else None
+        router = _attribute_path(block, adapter.router_attr) if block is not None else None
         if router is not None and hasattr(router, "top_k"):
             routers.append((i, router))
     if not routers:
@@ -176,22 +303,32 @@ ACTIVE = ThreadSlot()  # the routing state of the forward pass running on this t
 LAYER_INPUTS = ThreadSlot()
 
 
-def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
+def _router_hook(layer: int, adapter: RouterAdapter, router: nn.Module, out):
+    """Replace the noisy rows' choice in `out` (the router's output, or the experts' (args, kwargs))."""
     state = ACTIVE.get()
     if state is None:
         return None
-    # (logits, weights, indices); GraniteMoe before transformers 5.18 returned them the other way round
-    index_first = not output[0].is_floating_point()
-    logits, weights, idx = output[::-1] if index_first else output
-    if layer in state.noisy:
-        flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
-        noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device))
+    io, noisy = adapter.output, layer in state.noisy
+    idx = io.indices(router, out) if state.chosen is not None else None
+    if noisy:
+        flat = io.logits(router, out)
+        flat = flat.reshape(-1, flat.shape[-1])  # [T, E]
+        noisy_w, noisy_idx = adapter.select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device))
         rows = state.noisy_rows.to(flat.device)
-        weights = torch.where(rows, noisy_w.to(weights.dtype), weights)
-        idx = torch.where(rows, noisy_idx.to(idx.dtype), idx)
-    if state.chosen is not None:
+        out = io.write(router, out, rows, noisy_w, noisy_idx)
+        if idx is not None:
+            idx = torch.where(rows, noisy_idx.to(idx.dtype), idx)
+    if idx is not None:
         state.chosen[layer] = idx.detach()
-    return (idx, weights, logits) if index_first else (logits, weights, idx)
+    return out
+
+
+def _forward_hook(layer, adapter, router, module, args, output):
+    return _router_hook(layer, adapter, router, output)
+
+
+def _experts_pre_hook(layer, adapter, router, module, args, kwargs):
+    return _router_hook(layer, adapter, router, (args, kwargs))
 
 
 def _layer_pre_hook(layer: int, module: nn.Module, args, kwargs):
@@ -203,8 +340,14 @@ def patch(model: nn.Module) -> list[nn.Module]:
     """Install the hooks once per model; returns the routers in MoE-layer order."""
     routers = find_routers(model)
     if getattr(model, "_roe_hooks", None) is None:
-        select = ADAPTERS[model.config.model_type].select
-        hooks = [r.register_forward_hook(partial(_router_hook, i, select)) for i, r in enumerate(routers)]
+        adapter = ADAPTERS[model.config.model_type]
+        if adapter.output.on_experts:  # the block chooses: its experts' inputs carry the choice
+            blocks = [getattr(layer, adapter.block_attr) for layer in _decoder_layers(model)]
+            experts = [blocks[i].experts for i, _ in find_moe_layers(model)]
+            hooks = [e.register_forward_pre_hook(partial(_experts_pre_hook, i, adapter, r), with_kwargs=True)
+                     for i, (e, r) in enumerate(zip(experts, routers))]
+        else:
+            hooks = [r.register_forward_hook(partial(_forward_hook, i, adapter, r)) for i, r in enumerate(routers)]
         hooks += [layer.register_forward_pre_hook(partial(_layer_pre_hook, i), with_kwargs=True)
                   for i, layer in enumerate(_decoder_layers(model))]
         model._roe_hooks = hooks

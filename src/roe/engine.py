@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 from . import experts as expert_dispatch
-from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, cache_argument, find_moe_layers
+from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, attention_owners, cache_argument, find_moe_layers
 from .routing import gumbel_noise
 
 CLEAN_ATTENTION = "roe_clean"
@@ -71,8 +71,10 @@ class _Step:
     positions: torch.Tensor  # [B, S] int64: absolute position of each chunk token
     slots: torch.Tensor  # [S] int64: the cache slots this chunk writes (the same for every prompt)
     valid: torch.Tensor  # [B, kv_len] bool: slots that hold real tokens, this chunk's included
-    windows: tuple  # per decoder layer: its sliding window, or None
+    windows: tuple  # per cache layer: its sliding window, or None
     cache: CleanCache | None = None
+    chunks: tuple = ()  # per cache layer: its attention chunk (a query sees its own chunk only), or None
+    owners: dict = field(default_factory=dict)  # cache layer -> decoder layer, where they differ (LongCat-Flash)
     fold: bool = True  # read the clean history once for all K samples (False: K copies, for the benchmark)
     chosen: list | None = None  # per MoE layer [rows, top_k], when recording (eager only)
     memo: dict = field(default_factory=dict)  # eager only: masks and widened inputs that every layer shares
@@ -87,6 +89,10 @@ class _Step:
 
     def rows_per_prompt(self, layer: int) -> int:
         return self.k if self.fanout is not None and layer >= self.fanout else 1
+
+    def cache_rows_per_prompt(self, cache_layer: int) -> int:
+        """rows_per_prompt of the decoder layer that holds this cache layer."""
+        return self.rows_per_prompt(self.owners.get(cache_layer, cache_layer))
 
     @property
     def noisy_rows(self) -> torch.Tensor:
@@ -164,7 +170,7 @@ class CleanCache:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         step = _CLEAN.get()
-        k = step.rows_per_prompt(layer_idx)
+        k = step.cache_rows_per_prompt(layer_idx)
         if layer_idx not in self.keys:
             self.keys[layer_idx] = self._buffer(key_states[::k])
             self.values[layer_idx] = self._buffer(value_states[::k])
@@ -221,8 +227,24 @@ def sliding_windows(config) -> tuple:
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
-def _allowed(step: _Step, window: int | None) -> torch.Tensor:
-    """[B, S, kv_len] bool: which cached keys each chunk query may see (strictly earlier, valid, in window)."""
+def attention_chunks(config) -> tuple:
+    """Each cache layer's attention chunk (None: none), read from the config: chunked local attention (Llama 4)
+    splits the sequence into chunks of `attention_chunk_size` positions and a query sees only the keys of its own
+    chunk. Layers typed "chunked_attention" have it; with no layer types every layer does (as in transformers'
+    masks, where a sliding window takes precedence)."""
+    n = config.num_hidden_layers
+    chunk = getattr(config, "attention_chunk_size", None) or None
+    if chunk is None:
+        return (None,) * n
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return (None if getattr(config, "sliding_window", None) else chunk,) * n
+    return tuple(chunk if t == "chunked_attention" else None for t in types)
+
+
+def _allowed(step: _Step, window: int | None, chunk: int | None = None) -> torch.Tensor:
+    """[B, S, kv_len] bool: which cached keys each chunk query may see (strictly earlier, valid, in window,
+    in the query's attention chunk)."""
     def make():
         kv_len = step.valid.shape[1]
         q = step.slots[:, None]  # [S, 1] slot of each query
@@ -230,11 +252,16 @@ def _allowed(step: _Step, window: int | None) -> torch.Tensor:
         ok = kv < q
         if window is not None:
             ok = ok & (q - kv < window)
-        return ok[None] & step.valid[:, None, :]
-    return step.remember(("history", window), make)
+        ok = ok[None] & step.valid[:, None, :]  # [B, S, kv_len]
+        if chunk is not None:  # chunks count positions (padding not counted), as the model's own mask does
+            kv_pos = step.valid.long().cumsum(-1) - 1  # [B, kv_len] position of each valid slot
+            start = torch.div(step.positions, chunk, rounding_mode="floor") * chunk  # [B, S] its chunk's start
+            ok = ok & (kv_pos[:, None, :] >= start[:, :, None])
+        return ok
+    return step.remember(("history", window, chunk), make)
 
 
-def _fused_mask(step: _Step, k: int, groups: int, window: int | None) -> torch.Tensor:
+def _fused_mask(step: _Step, k: int, groups: int, window: int | None, chunk: int | None = None) -> torch.Tensor:
     """The mask for one fused attention call with the K*G queries of a prompt folded together.
 
     k == 1 (a prompt's single clean row, any chunk length): [B, 1, G*S, kv_len], the causal mask (the
@@ -244,7 +271,7 @@ def _fused_mask(step: _Step, k: int, groups: int, window: int | None) -> torch.T
     """
     def make():
         B, kv_len = step.valid.shape
-        history = _allowed(step, window)  # [B, S, kv_len]
+        history = _allowed(step, window, chunk)  # [B, S, kv_len]
         if k == 1:
             own = step.slots[:, None] == torch.arange(kv_len, device=history.device)[None, :]  # [S, kv_len]
             mask = (history | own[None]).repeat(1, groups, 1)
@@ -252,7 +279,7 @@ def _fused_mask(step: _Step, k: int, groups: int, window: int | None) -> torch.T
             own = torch.eye(k, dtype=torch.bool, device=history.device).repeat_interleave(groups, 0)  # [K*G, K]
             mask = torch.cat([history.expand(B, k * groups, kv_len), own.expand(B, k * groups, k)], dim=-1)
         return mask[:, None]
-    return step.remember(("fused", k, groups, window), make)
+    return step.remember(("fused", k, groups, window, chunk), make)
 
 
 def clean_cache_attention(
@@ -267,11 +294,24 @@ def clean_cache_attention(
         raise NotImplementedError("RoE's clean-cache attention does not support attention logit soft-capping")
     step = _CLEAN.get()
     layer = module.layer_idx
-    k = step.rows_per_prompt(layer)
+    k = step.cache_rows_per_prompt(layer)
     window = sliding_window if sliding_window is not None else step.windows[layer]
+    chunk = step.chunks[layer] if step.chunks else None
     shared_k, shared_v = step.cache.history(layer, step.valid.shape[1])
     if hasattr(module, "expand_kv"):  # multi-head latent attention stores latents; expand them as the model does
         shared_k, shared_v = module.expand_kv(shared_k, shared_v)
+    tile = key.shape[1] // shared_k.shape[1]
+    if tile > 1:
+        # the model repeated its key/value heads before the call, tiled (JetMoE's mixture of attention heads:
+        # key.repeat(1, top_k, 1, 1), query head j*Hkv + h reads key head h); the history keeps Hkv heads. The
+        # query heads are put in grouped order (h*top_k + j reads key head h), and the output back in the model's.
+        N, Hq, S, D = query.shape
+        Hkv = shared_k.shape[1]
+        grouped = query.view(N, tile, Hkv, S, D).transpose(1, 2).reshape(N, Hq, S, D)
+        out, _ = clean_cache_attention(module, grouped, key[:, :Hkv], value[:, :Hkv], attention_mask, scaling,
+                                       dropout, sliding_window, s_aux, **kwargs)  # [N, S, Hq, Dv]
+        Dv = out.shape[-1]
+        return out.view(N, S, Hkv, tile, Dv).transpose(2, 3).reshape(N, S, Hq, Dv).contiguous(), None
     N, Hq, S, D = query.shape
     B, Hkv, T = N // k, key.shape[1], shared_k.shape[2]
     G = Hq // Hkv
@@ -281,7 +321,7 @@ def clean_cache_attention(
 
     if sinks is None and k == 1:  # a prompt's single row: one fused kernel, the G query heads of a KV head folded
         q = query.reshape(B, Hkv, G * S, D)
-        mask = _fused_mask(step, 1, G, window)
+        mask = _fused_mask(step, 1, G, window, chunk)
         out = F.scaled_dot_product_attention(q, shared_k, shared_v, attn_mask=mask, scale=scaling)
         return out.view(B, Hq, S, Dv).transpose(1, 2).contiguous(), None  # [B, S, Hq, Dv]
     if sinks is None and S == 1 and step.fold and not _compiling():
@@ -290,13 +330,13 @@ def clean_cache_attention(
         q = query.view(B, k, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, k * G, D)
         keys = torch.cat([shared_k, key.view(B, k, Hkv, D).transpose(1, 2)], dim=2)  # [B, Hkv, T+K, D]
         values = torch.cat([shared_v, value.view(B, k, Hkv, Dv).transpose(1, 2)], dim=2)
-        mask = _fused_mask(step, k, G, window)  # [B, 1, K*G, T+K]
+        mask = _fused_mask(step, k, G, window, chunk)  # [B, 1, K*G, T+K]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)  # [B, Hkv, K*G, Dv]
         return out.view(B, Hkv, k, G, Dv).transpose(1, 2).reshape(N, 1, Hq, Dv), None
     if sinks is None and S == 1 and not step.fold:  # unoptimised, for the benchmark's before/after row
         keys = torch.cat([shared_k.repeat_interleave(k, 0), key], dim=2)  # [B*K, Hkv, T+1, D]
         values = torch.cat([shared_v.repeat_interleave(k, 0), value], dim=2)
-        history = _allowed(step, window).repeat_interleave(k, 0)  # [B*K, 1, T]
+        history = _allowed(step, window, chunk).repeat_interleave(k, 0)  # [B*K, 1, T]
         mask = torch.cat([history, history.new_ones(N, 1, 1)], dim=-1)[:, None]  # [B*K, 1, 1, T+1]
         out = F.scaled_dot_product_attention(query.view(N, Hkv, G, D), keys, values, attn_mask=mask, scale=scaling)
         return out.reshape(N, 1, Hq, Dv), None
@@ -304,7 +344,7 @@ def clean_cache_attention(
     q = query.view(B, k, Hkv, G, S, D).transpose(1, 2)  # [B, Hkv, K, G, S, D]
     scores = torch.matmul(q.reshape(B, Hkv, k * G * S, D), shared_k.transpose(2, 3))  # [B, Hkv, K*G*S, T]
     scores = scores.view(B, Hkv, k, G, S, T).float() * scaling
-    allowed = _allowed(step, window)  # [B, S, T]
+    allowed = _allowed(step, window, chunk)  # [B, S, T]
     scores = scores.masked_fill(~allowed[:, None, None, None], float("-inf"))
 
     own_k = key.view(B, k, Hkv, 1, S, D).transpose(1, 2)  # [B, Hkv, K, 1, S, D]
@@ -385,6 +425,8 @@ class RoEPass:
         self.fanout = (noisy[0] if noisy else None) if share_layers else 0
         self.noisy = frozenset(m for m, t in enumerate(taus) if t > 0)
         self.windows = sliding_windows(model.config)
+        self.chunks = attention_chunks(model.config)
+        self.owners = {c: d for c, d in attention_owners(model).items() if c != d}
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
         self.compile = compile if self.clean and not record_experts else None
@@ -496,7 +538,8 @@ class RoEPass:
         record = [None] * len(self.taus) if self.record else None
         return _Step(k=k, fanout=self.fanout if k > 1 else None, noisy=self.noisy if k > 1 else frozenset(),
                      taus=self.tau_values, seeds=self.seeds, positions=positions, slots=slots, valid=valid,
-                     windows=self.windows, cache=self.cache if self.clean else None, fold=self.fold, chosen=record)
+                     windows=self.windows, cache=self.cache if self.clean else None, fold=self.fold, chosen=record,
+                     chunks=self.chunks, owners=self.owners)
 
     def _reserve(self, slots: int) -> None:
         if slots <= self.capacity:

@@ -251,3 +251,41 @@ def softmax_bias_topk(router, logits: torch.Tensor, noise: torch.Tensor):
     idx = torch.topk(noisy, router.top_k, dim=-1).indices
     weights = probs.gather(-1, idx)
     return weights / weights.sum(dim=-1, keepdim=True).clamp(min=router.norm_min), idx
+
+
+# --- arch-b: llama4_text, dbrx, longcat_flash --------------------------------------------------------
+
+
+def topk_sigmoid(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Top-k of the raw logits, then a sigmoid of each chosen logit, unnormalised (Llama 4: top-1).
+
+    The ranked quantity is the logit itself, so the noise goes on R; weights are sigmoid(R) of the clean
+    logits of the chosen experts, as the model computes them.
+    """
+    logits = logits.float()
+    idx = torch.topk(logits + noise, router.top_k, dim=-1).indices
+    return logits.gather(-1, idx).sigmoid(), idx
+
+
+def softmax_topk_pnorm(block, logits: torch.Tensor, noise: torch.Tensor):
+    """DBRX: softmax, top-k of the probabilities, weights divided by their p-norm (`moe_normalize_expert_weights`,
+    None: not renormalised). top-k of softmax(R) ranks like R: the noise goes on R. `block` is DBRX's FFN block,
+    which holds top_k and p (its router module holds only the linear layer)."""
+    logits = logits.float()
+    idx = torch.topk(logits + noise, block.top_k, dim=-1).indices
+    weights = F.softmax(logits, dim=-1).gather(-1, idx)
+    p = block.moe_normalize_expert_weights
+    if p is not None:
+        weights = weights / torch.norm(weights, p=p, dim=-1, keepdim=True)
+    return weights, idx
+
+
+def softmax_bias_scaled(router, logits: torch.Tensor, noise: torch.Tensor):
+    """LongCat-Flash: top-k of softmax(R) plus a correction bias; weights the clean probabilities times
+    `routed_scaling_factor`, unnormalised. The ranked quantity is perturbed through R (as for ERNIE). The
+    logits cover the zero-computation experts too, so the noise can choose them like any other expert."""
+    logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    choice = F.softmax(logits + noise, dim=-1) + router.e_score_correction_bias.float()
+    idx = torch.topk(choice, router.top_k, dim=-1).indices
+    return probs.gather(-1, idx) * router.routed_scaling_factor, idx
