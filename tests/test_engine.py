@@ -59,7 +59,12 @@ def reference_next_logprobs(roster, tokens, cache):
     return aggregate(torch.stack(logits)[None], roster.config.aggregate)[0]
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", *SLIDING])
+# arch-b: llama4_text (chunked local attention, NoPE layers), jetmoe (attention heads tiled over its attention
+# experts), longcat_flash (two attention blocks per decoder layer, zero-computation experts)
+ARCH_B = ["llama4_text", "jetmoe", "longcat_flash"]
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", *SLIDING, *ARCH_B])
 @pytest.mark.parametrize("cache", ["clean", "full"])
 @pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt
 def test_batched_engine_matches_reference(arch, cache, skip, tiny_path):

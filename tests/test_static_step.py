@@ -45,7 +45,7 @@ def _counting():
     return graphs, backend
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe-sliding"])
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe-sliding", "llama4_text"])
 def test_decode_step_is_one_graph_that_matches_eager(arch, tiny_path):
     """fullgraph=True raises on any graph break; a counting backend shows one graph for every step and pass."""
     roster = _roster(tiny_path(arch))
@@ -176,6 +176,17 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(tiny_path, monke
             got, run = _decode_all(roster, backend, [0, 1], PROMPTS, 3, capacity=10)  # a second shape: over the limit
     assert run.compile is None and len(graphs) == 1
     want, _ = _decode_all(roster, None, [0, 1], PROMPTS, 3, capacity=10)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_cannot_be_one_graph_decodes_eagerly_with_a_warning(tiny_path):
+    """JetMoE (like DBRX and LongCat-Flash) says `_can_compile_fullgraph = False`: no tracing is tried."""
+    roster = _roster(tiny_path("jetmoe"))
+    graphs, backend = _counting()
+    with pytest.warns(UserWarning, match="cannot compile as one graph"):
+        got, run = _decode_all(roster, backend, steps=3)
+    assert run.compile is None and not graphs
+    want, _ = _decode_all(roster, None, steps=3)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

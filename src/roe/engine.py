@@ -191,7 +191,9 @@ class CleanCache:
                 store[i] = new
         self.capacity = capacity
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def get_seq_length(self, layer_idx: int = 0) -> int | torch.Tensor:
+        if _compiling():  # the slots written before this step, from the device (Llama 4's attention temperature
+            return _CLEAN.get().slots[0]  # reads it): a host integer would be baked into the graph
         return self.length
 
     def stored_bytes(self) -> int:
@@ -433,6 +435,11 @@ class RoEPass:
         if compile is not None and not self.clean:
             warnings.warn("roe: the full cache runs eagerly (only the clean cache's decode step is compiled)",
                           stacklevel=3)
+        elif self.compile is not None and getattr(model, "_can_compile_fullgraph", True) is False:
+            # the model says its forward cannot be one graph (data-dependent expert loops: DBRX, JetMoE, LongCat)
+            warnings.warn(f"roe: {type(model).__name__} cannot compile as one graph; its decode step runs eagerly",
+                          stacklevel=3)
+            self.compile = None
         self.batch = len(seeds)  # the caller's prompts; a compiled pass runs B >= batch rows, the rest idle
         B = _power_of_two(self.batch) if self.compile is not None else self.batch
         self.capacity = (_capacity_bucket if self.compile is not None else _round_up)(capacity or 1)
@@ -669,7 +676,7 @@ _COMPILED: dict[tuple, object] = {}
 
 def _compile_failures() -> tuple[type[Exception], ...]:
     """What torch.compile raises when it cannot build a graph (before running anything)."""
-    names = ("Unsupported", "BackendCompilerFailed", "FailOnRecompileLimitHit")
+    names = ("Unsupported", "BackendCompilerFailed", "FailOnRecompileLimitHit", "UserError")
     return tuple(getattr(torch._dynamo.exc, n) for n in names if hasattr(torch._dynamo.exc, n))
 
 
