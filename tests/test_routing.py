@@ -177,3 +177,51 @@ def test_config_replace_and_profile(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         RoEConfig.from_profile(p)
+
+
+# arch-b: the router families of llama4_text (top-k then sigmoid), dbrx (softmax, top-k, p-norm) and
+# longcat_flash (softmax plus a correction bias, scaled): each ranks R (or a monotone function of it) when its
+# bias is zero, so its noisy choice must be Gumbel-top-k of softmax(R / tau)
+class _ArchBRouter:
+    top_k = 2
+    moe_normalize_expert_weights = 1.0
+    routed_scaling_factor = 2.5
+    e_score_correction_bias = torch.zeros(len(LOGITS))
+
+
+@pytest.mark.parametrize("family", ["topk_sigmoid", "softmax_topk_pnorm", "softmax_bias_scaled"])
+def test_arch_b_families_follow_sampling_without_replacement(family):
+    select = getattr(routing, family)
+    draws, tau = 40_000, 0.7
+    noise = _draws("engine", draws, LOGITS.numel()) * tau
+    _, idx = select(_ArchBRouter(), LOGITS.expand(draws, -1), noise)
+    counts = {}
+    for row in idx.sort(dim=-1).values.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    expected = _expected_set_probs(LOGITS, tau)
+    keys = [s for s, q in expected.items() if q * draws >= 5]
+    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
+    exp = [expected[s] * draws for s in keys] + [(1 - sum(expected[s] for s in keys)) * draws]
+    assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_arch_b_weights_are_the_models_own():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    noise = torch.tensor([[0.0, 0.0, 5.0, 0.0]])  # forces expert 2 in
+    router = _ArchBRouter()
+    router.e_score_correction_bias = torch.tensor([0.0, 0.0, 0.0, 0.1])
+    w, idx = routing.topk_sigmoid(router, logits, noise)
+    assert sorted(idx[0].tolist()) == [0, 2]
+    torch.testing.assert_close(w, logits.gather(-1, idx).sigmoid())
+    probs = torch.softmax(logits, -1)
+    for p in (1.0, 2.0, None):
+        router.moe_normalize_expert_weights = p
+        w, idx = routing.softmax_topk_pnorm(router, logits, noise)
+        chosen = probs.gather(-1, idx)
+        torch.testing.assert_close(w, chosen if p is None else chosen / chosen.norm(p=p, dim=-1, keepdim=True))
+    w, idx = routing.softmax_bias_scaled(router, logits, torch.zeros_like(logits))
+    assert sorted(idx[0].tolist()) == [0, 1]  # 0.03 + 0.1 on expert 3 stays below 0.24 on expert 1
+    torch.testing.assert_close(w, probs.gather(-1, idx) * 2.5)
+    w, idx = routing.softmax_bias_scaled(router, logits, torch.tensor([[0.0, -1.5, 0.0, 0.0]]))
+    assert sorted(idx[0].tolist()) == [0, 3]  # the bias counts in the ranking, not in the weights
+    torch.testing.assert_close(w, probs.gather(-1, idx) * 2.5)
