@@ -69,20 +69,144 @@ register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk)
 
 
 def supported_architectures() -> list[str]:
-    """transformers `model_type` names that RoE can wrap."""
-    return sorted(ADAPTERS)
+    """transformers `model_type` names that RoE can wrap: the registry's, plus the multimodal top-level types
+    (qwen3_5_moe, llama4, qwen3_vl_moe, ...) whose language model is in the registry (RoE runs on it, text in)."""
+    return sorted(set(ADAPTERS) | {t for t, text in _multimodal_types().items() if text in ADAPTERS})
 
 
 class UnsupportedModelError(ValueError):
     pass
 
 
+# MoE model types RoE refuses, with what is missing (one line each); supported ones are in ADAPTERS.
+# A test walks transformers' config mapping and fails on an MoE type that is in neither.
+_ENCODER_DECODER = "an encoder-decoder MoE: RoE runs decoder-only causal language models"
+_RECURRENT = "recurrent-state layers (linear attention, Mamba, convolution) the clean cache does not hold yet"
+_INDEXER = "its sparse-attention indexer (which keys each query reads) is not run per noisy sample yet"
+_ROUTER = "its router is not a family RoE perturbs yet"
+_NOT_TEXT = "not a left-to-right text generator RoE can drive"
+REFUSED: dict[str, str] = {
+    **dict.fromkeys(["switch_transformers", "nllb-moe"], _ENCODER_DECODER),
+    **dict.fromkeys(["bailing_hybrid", "granitemoehybrid", "jamba", "kimi_linear", "lfm2_moe", "minimax", "nemotron_h",
+                     "qwen3_next", "qwen3_5_moe_text", "qwen4_exp_text", "zaya", "lara_mini", "inkling_text",
+                     "inkling2_text", "inkling2_loop_text", "glm5_next_text"], _RECURRENT),
+    **dict.fromkeys(["deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note_text",
+                     "minimax_m3_vl_text", "mistral_large4_text"], _INDEXER),
+    **dict.fromkeys(["afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "dbrx", "deepseek_v2", "doge", "exaone_moe",
+                     "flint", "gemma4_text", "glm4_moe_lite", "granitemoe_swa", "granitemoeshared", "hy_v3", "jetmoe",
+                     "kolibri1", "laguna", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash", "minimax_m2",
+                     "mistral4", "muse_spark_text", "phimoe", "sarvam_mla", "sarvam_moe", "solar_open",
+                     "deepseek_ocr2_text", "unlimited_ocr_text", "ernie4_5_vl_moe_text", "glm4v_moe_text",
+                     "hy_v4_vl_text", "qwen3_vl_moe_text", "qwen3_omni_moe_thinker", "step3p5"], _ROUTER),
+    **dict.fromkeys(["diffusion_gemma", "diffusion_gemma_text"], _NOT_TEXT),
+}
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def text_config(config):
+    """The language model's config: the config itself, or a multimodal config's `text_config`."""
+    try:
+        return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    except ValueError:  # several text configs (an encoder-decoder with a text encoder): none is "the" LM
+        return config
+
+
+def registry_type(config) -> str:
+    """The registry key of a model: its language model's `model_type` (`qwen3_5_moe_text` for a qwen3_5_moe
+    checkpoint, which AutoModelForCausalLM loads as its text model)."""
+    return getattr(text_config(config), "model_type", None) or getattr(config, "model_type", "")
+
+
+def expert_count(config) -> int | None:
+    """The routed-expert count wherever the config keeps it (top level, `text_config`, dbrx's `ffn_config`)."""
+    for cfg in (config, text_config(config)):
+        for source in (cfg, getattr(cfg, "ffn_config", None)):
+            for name in EXPERT_COUNT_FIELDS:
+                value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                    return value
+    return None
+
+
+def _multimodal_types() -> dict[str, str]:
+    """Top-level model type -> its `text_config`'s model type, for every config class in transformers that has one."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    out = {}
+    for name in CONFIG_MAPPING:
+        try:
+            text = getattr(CONFIG_MAPPING[name], "sub_configs", {}).get("text_config")
+        except Exception:  # a config class whose module fails to import (optional dependencies)
+            continue
+        if getattr(text, "model_type", None):
+            out[name] = text.model_type
+    return out
+
+
+def _declares_experts(config_class) -> bool:
+    """Whether a config class (or its language model's, or DBRX's `ffn_config`) has a routed-expert count field,
+    whatever its default (Dots1 and Gemma 4 default to dense)."""
+    import dataclasses
+
+    subs = getattr(config_class, "sub_configs", {}) or {}
+    for cls in (config_class, subs.get("text_config"), subs.get("ffn_config")):
+        if cls is None:
+            continue
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        names |= set(getattr(cls, "__annotations__", {})) | set(getattr(cls, "attribute_map", {}))
+        if names & set(EXPERT_COUNT_FIELDS):
+            return True
+    return False
+
+
+def transformers_moe_types() -> list[str]:
+    """Every model type in this transformers whose config declares routed experts and that loads as a text
+    generator (causal LM, multimodal image-text-to-text, or encoder-decoder): walked from its config mapping."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    loadable = {**modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                **modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
+    found = []
+    for name in sorted(set(loadable) & set(configuration_auto.CONFIG_MAPPING_NAMES)):
+        try:
+            config_class = configuration_auto.CONFIG_MAPPING[name]
+        except Exception:  # a config whose module needs an optional dependency
+            continue
+        if _declares_experts(config_class):
+            found.append(name)
+    return found
+
+
+def check_supported(config) -> str:
+    """The registry key of a supported config, or UnsupportedModelError with one line naming what is missing."""
+    top, key = getattr(config, "model_type", "?"), registry_type(config)
+    if key in ADAPTERS:
+        return key
+    see = "see roe.supported_architectures()"
+    reason = REFUSED.get(top) or REFUSED.get(key)
+    if reason:
+        raise UnsupportedModelError(f"RoE does not run '{top}': {reason}; {see}")
+    if expert_count(config):
+        raise UnsupportedModelError(f"'{top}' is a Mixture-of-Experts architecture RoE does not support yet; {see}")
+    raise UnsupportedModelError(f"'{top}' is not a Mixture-of-Experts model: RoE perturbs expert routing; {see}")
+
+
+# where a model keeps its decoder layers: a causal LM, a multimodal model's language model, DBRX
+LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.blocks")
+
+
 def _decoder_layers(model: nn.Module):
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at .model.layers")
-    return layers
+    for path in LAYER_PATHS:
+        layers = model
+        for part in path.split("."):
+            layers = getattr(layers, part, None)
+        if layers is not None:
+            return layers
+    raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at {' or '.join(LAYER_PATHS)}")
+
+
+def adapter_for(model: nn.Module) -> RouterAdapter:
+    return ADAPTERS[check_supported(model.config)]
 
 
 def find_routers(model: nn.Module) -> list[nn.Module]:
@@ -92,22 +216,7 @@ def find_routers(model: nn.Module) -> list[nn.Module]:
 
 def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(decoder-layer index, router) of every MoE layer, in layer order (dense layers are skipped)."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    supported = ", ".join(supported_architectures())
-    adapter = ADAPTERS.get(model_type)
-    if adapter is None:
-        cfg = model.config
-        looks_moe = any(
-            getattr(cfg, a, None) for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-        )
-        if looks_moe:
-            raise UnsupportedModelError(
-                f"'{model_type}' is a Mixture-of-Experts architecture RoE does not support yet. Supported: {supported}."
-            )
-        raise UnsupportedModelError(
-            f"'{model_type}' is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE. "
-            f"Supported architectures: {supported}."
-        )
+    adapter = adapter_for(model)
     routers = []
     for i, layer in enumerate(_decoder_layers(model)):
         block = getattr(layer, adapter.block_attr, None)
@@ -115,16 +224,14 @@ def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
         if router is not None and hasattr(router, "top_k"):
             routers.append((i, router))
     if not routers:
-        raise UnsupportedModelError(
-            f"this '{model_type}' model has no MoE layers (every layer is dense); RoE needs at least one. "
-            f"Supported architectures: {supported}."
-        )
+        raise UnsupportedModelError(f"this '{model.config.model_type}' model has no MoE layers (every layer is "
+                                    "dense); RoE needs at least one")
     return routers
 
 
 def find_experts(model: nn.Module) -> list[nn.Module]:
     """The routed-experts module of every MoE layer, in the order of `find_moe_layers`."""
-    block_attr = ADAPTERS[model.config.model_type].block_attr
+    block_attr = adapter_for(model).block_attr
     layers = _decoder_layers(model)
     return [getattr(layers[i], block_attr).experts for i, _ in find_moe_layers(model)]
 
@@ -203,7 +310,7 @@ def patch(model: nn.Module) -> list[nn.Module]:
     """Install the hooks once per model; returns the routers in MoE-layer order."""
     routers = find_routers(model)
     if getattr(model, "_roe_hooks", None) is None:
-        select = ADAPTERS[model.config.model_type].select
+        select = adapter_for(model).select
         hooks = [r.register_forward_hook(partial(_router_hook, i, select)) for i, r in enumerate(routers)]
         hooks += [layer.register_forward_pre_hook(partial(_layer_pre_hook, i), with_kwargs=True)
                   for i, layer in enumerate(_decoder_layers(model))]
