@@ -51,3 +51,15 @@ def test_a_multimodal_checkpoint_is_keyed_by_its_language_model():
     assert adapters.registry_type(AutoConfig.for_model("qwen3_5_moe")) == "qwen3_5_moe_text"
     assert adapters.registry_type(AutoConfig.for_model("llama4")) == "llama4_text"
     assert adapters.registry_type(AutoConfig.for_model("olmoe")) == "olmoe"
+
+
+def test_the_readme_table_lists_exactly_the_supported_architectures():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- architectures -->")[1].split("<!-- /architectures -->")[0]
+    rows = [line.split("|")[1].strip() for line in table.strip().splitlines()[2:]]
+    assert rows == sorted(rows), "keep the table sorted by model type"
+    assert set(rows) == set(supported_architectures())
+    for line in table.strip().splitlines()[2:]:  # every row names a checkpoint, a family and what is perturbed
+        assert all(cell.strip() for cell in line.split("|")[1:-1]), line
