@@ -27,7 +27,10 @@ from . import routing
 class RouterAdapter:
     block_attr: str  # attribute of a decoder layer that holds the MoE block
     router_attr: str  # attribute of the MoE block that holds the router
-    select: Callable  # (router, logits [T, E], noise [T, E]) -> (weights [T, k], indices [T, k])
+    select: Callable  # (router, logits [T, E], noise [T, E], *router_args) -> (weights [T, k], indices [T, k])
+    # pass the router's own call arguments after the hidden states on to select (MiniMax-M2 and AFMoE hand
+    # their router the expert-score bias that the MoE block holds): the exact bias the model used this call
+    router_args: bool = False
 
 
 ADAPTERS: dict[str, RouterAdapter] = {}
@@ -67,6 +70,17 @@ register("glm4_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
 
+# --- arch-a: issue 23's registry-only types and the sigmoid-bias / Cohere2 / sparsemixer families ---
+register("glm4_moe_lite", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # DeepSeek-V3's router, MLA
+register("sarvam_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # runs as Glm4MoeForCausalLM
+register("exaone_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("granitemoeshared", RouterAdapter("block_sparse_moe", "router", routing.topk_softmax))
+register("granitemoe_swa", RouterAdapter("block_sparse_moe", "router", routing.topk_softmax))
+register("cohere2_moe", RouterAdapter("mlp", "gate", routing.topk_softmax_or_sigmoid))
+register("minimax_m2", RouterAdapter("mlp", "gate", routing.sigmoid_bias_topk, router_args=True))
+register("afmoe", RouterAdapter("mlp", "router", routing.sigmoid_bias_topk, router_args=True))
+register("phimoe", RouterAdapter("mlp", "router", routing.sparsemixer_top2))
+
 
 def supported_architectures() -> list[str]:
     """transformers `model_type` names that RoE can wrap: the registry's, plus the multimodal top-level types
@@ -92,10 +106,10 @@ REFUSED: dict[str, str] = {
                      "inkling2_text", "inkling2_loop_text", "glm5_next_text"], _RECURRENT),
     **dict.fromkeys(["deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note_text",
                      "minimax_m3_vl_text", "mistral_large4_text"], _INDEXER),
-    **dict.fromkeys(["afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "dbrx", "deepseek_v2", "doge", "exaone_moe",
-                     "flint", "gemma4_text", "glm4_moe_lite", "granitemoe_swa", "granitemoeshared", "hy_v3", "jetmoe",
-                     "kolibri1", "laguna", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash", "minimax_m2",
-                     "mistral4", "muse_spark_text", "phimoe", "sarvam_mla", "sarvam_moe", "solar_open",
+    **dict.fromkeys(["aria_text", "axk1", "beam", "dbrx", "deepseek_v2", "doge",
+                     "flint", "gemma4_text", "hy_v3", "jetmoe",
+                     "kolibri1", "laguna", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash",
+                     "mistral4", "muse_spark_text", "sarvam_mla", "solar_open",
                      "deepseek_ocr2_text", "unlimited_ocr_text", "ernie4_5_vl_moe_text", "glm4v_moe_text",
                      "hy_v4_vl_text", "qwen3_vl_moe_text", "qwen3_omni_moe_thinker", "step3p5"], _ROUTER),
     **dict.fromkeys(["diffusion_gemma", "diffusion_gemma_text"], _NOT_TEXT),
@@ -283,7 +297,7 @@ ACTIVE = ThreadSlot()  # the routing state of the forward pass running on this t
 LAYER_INPUTS = ThreadSlot()
 
 
-def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
+def _router_hook(layer: int, select: Callable, router_args: bool, router: nn.Module, args, output):
     state = ACTIVE.get()
     if state is None:
         return None
@@ -292,7 +306,8 @@ def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
     logits, weights, idx = output[::-1] if index_first else output
     if layer in state.noisy:
         flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
-        noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device))
+        extra = args[1:] if router_args else ()  # the router's own arguments after the hidden states
+        noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device), *extra)
         rows = state.noisy_rows.to(flat.device)
         weights = torch.where(rows, noisy_w.to(weights.dtype), weights)
         idx = torch.where(rows, noisy_idx.to(idx.dtype), idx)
@@ -310,8 +325,9 @@ def patch(model: nn.Module) -> list[nn.Module]:
     """Install the hooks once per model; returns the routers in MoE-layer order."""
     routers = find_routers(model)
     if getattr(model, "_roe_hooks", None) is None:
-        select = adapter_for(model).select
-        hooks = [r.register_forward_hook(partial(_router_hook, i, select)) for i, r in enumerate(routers)]
+        adapter = adapter_for(model)
+        hooks = [r.register_forward_hook(partial(_router_hook, i, adapter.select, adapter.router_args))
+                 for i, r in enumerate(routers)]
         hooks += [layer.register_forward_pre_hook(partial(_layer_pre_hook, i), with_kwargs=True)
                   for i, layer in enumerate(_decoder_layers(model))]
         model._roe_hooks = hooks
