@@ -277,10 +277,10 @@ def _tiny_model(arch):
 @pytest.mark.parametrize("arch", sorted(tiny.ARCHS) + ["cohere2_moe-sigmoid"])
 def test_select_without_noise_is_the_models_own_router(arch):
     """With zero noise, every registered select gives the experts and weights of the model's own router."""
-    from roe.adapters import ADAPTERS, find_moe_layers
+    from roe.adapters import adapter_for, find_moe_layers
 
     model = _tiny_model(arch)
-    adapter = ADAPTERS[model.config.model_type]
+    adapter = adapter_for(model)
     layer, router = find_moe_layers(model)[0]
     block = getattr(model.model.layers[layer], adapter.block_attr)
     hidden = torch.randn(1, 16, tiny.COMMON["hidden_size"], generator=torch.Generator().manual_seed(0))
