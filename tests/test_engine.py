@@ -64,7 +64,7 @@ def reference_next_logprobs(roster, tokens, cache):
 ARCH_B = ["llama4_text", "jetmoe", "longcat_flash"]
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", *SLIDING, *ARCH_B])
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "afmoe", *SLIDING, *ARCH_B])  # afmoe: gated attention, NoPE
 @pytest.mark.parametrize("cache", ["clean", "full"])
 @pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt
 def test_batched_engine_matches_reference(arch, cache, skip, tiny_path):

@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from roe import RoEConfig, RosterOfExperts, supported_architectures
-from tiny import ARCHS, SLIDING
+from tiny import ARCHS, MULTIMODAL, SLIDING, save_tiny_multimodal
 
 PROMPTS = ["The cat sat", "2+2="]
 
 
 def test_every_supported_architecture_is_tested():
-    assert set(supported_architectures()) == set(ARCHS)
+    assert set(supported_architectures()) == set(ARCHS) | set(MULTIMODAL)
     assert len(ARCHS) >= 8
 
 
@@ -88,3 +88,17 @@ def test_engine_optimisations_do_not_change_results(arch, cache, tiny_path):
                     dict(share_layers=False, fold_samples=False, choose_dispatch=False)):
         for a, b in zip(fast, run(**options)):
             torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL))
+def test_a_multimodal_checkpoint_runs_its_language_model(model_type, tiny_path, tmp_path):
+    """A top-level checkpoint as shipped loads as its language model: RoE runs on it, text in, exactly."""
+    path = save_tiny_multimodal(model_type, tmp_path / model_type)
+    roster = RosterOfExperts.from_pretrained(path, roe=RoEConfig(num_samples=4, tau=0.0))
+    roster.eos_token_ids = set()
+    text = RosterOfExperts.from_pretrained(tiny_path(MULTIMODAL[model_type][0]))
+    assert roster.model.config.model_type == MULTIMODAL[model_type][0]
+    base = [_base_greedy(text.model, text.tokenizer, p, 8) for p in PROMPTS]
+    assert [c.token_ids for c in roster.generate_completions(PROMPTS, max_new_tokens=8)] == base
+    noisy = roster.with_config(tau=1.0, skip_layers=0)
+    assert noisy.score("The cat", " sat") != pytest.approx(roster.score("The cat", " sat"), abs=1e-6)

@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from roe import RoEConfig, RosterOfExperts, UnsupportedModelError
+from roe import RoEConfig, RosterOfExperts, UnsupportedModelError, adapters
 from tiny import COMMON, tiny_tokenizer
 
 
@@ -19,15 +19,17 @@ def _save(tmp_path, model_type, **extra):
     return tmp_path
 
 
-def test_dense_model_is_rejected_naming_supported(tmp_path):
+def test_dense_model_is_rejected_in_one_line(tmp_path):
     path = _save(tmp_path, "llama")
-    with pytest.raises(UnsupportedModelError, match=r"'llama' is not a Mixture-of-Experts.*olmoe"):
+    with pytest.raises(UnsupportedModelError, match=r"^'llama' is not a Mixture-of-Experts.*supported_architectures\(\)$"):
         RosterOfExperts.from_pretrained(path)
 
 
-def test_unsupported_moe_architecture_is_rejected(tmp_path):
-    path = _save(tmp_path, "phimoe", num_local_experts=4)
-    with pytest.raises(UnsupportedModelError, match=r"'phimoe' is a Mixture-of-Experts architecture RoE does not support.*mixtral"):
+def test_an_moe_type_without_an_adapter_is_rejected_before_its_weights_load(tmp_path, monkeypatch):
+    path = _save(tmp_path, "olmoe", num_experts=4, num_experts_per_tok=2)
+    monkeypatch.delitem(adapters.ADAPTERS, "olmoe")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(UnsupportedModelError, match=r"^'olmoe' is a Mixture-of-Experts architecture RoE does not"):
         RosterOfExperts.from_pretrained(path)
 
 

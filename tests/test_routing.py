@@ -9,6 +9,7 @@ from scipy.stats import chisquare
 
 from roe import routing
 from roe.config import RoEConfig
+import tiny
 
 
 class _Router:
@@ -179,6 +180,117 @@ def test_config_replace_and_profile(tmp_path):
         RoEConfig.from_profile(p)
 
 
+# --- arch-a: the router families of Cohere2-MoE, MiniMax-M2 / AFMoE and Phi-3.5-MoE ---
+
+
+class _FamilyRouter:
+    """What the new families read off a router: top-k, Cohere2's selection function, Phi-MoE's jitter."""
+
+    top_k = 2
+    norm_topk_prob = True
+    router_jitter_noise = 0.01
+
+    def __init__(self, expert_selection_fn="softmax"):
+        self.expert_selection_fn = expert_selection_fn
+
+
+def _zero_bias(select):
+    return lambda router, logits, noise: select(router, logits, noise, torch.zeros(logits.shape[-1]))
+
+
+NEW_FAMILIES = {
+    "cohere2_softmax": (routing.topk_softmax_or_sigmoid, "softmax"),
+    "cohere2_sigmoid": (routing.topk_softmax_or_sigmoid, "sigmoid"),
+    "sigmoid_bias": (_zero_bias(routing.sigmoid_bias_topk), "softmax"),  # with a zero bias: exactly Gumbel-top-k
+    "sparsemixer": (routing.sparsemixer_top2, "softmax"),
+}
+
+
+def _chi_square_pvalue(counts, expected, draws):
+    keys = [s for s, q in expected.items() if q * draws >= 5]  # chi-square needs expected counts >= 5
+    obs, exp = [counts.get(s, 0) for s in keys], [expected[s] * draws for s in keys]
+    rest = draws - sum(exp)
+    if rest > 1e-6 * draws:  # the rare outcomes, pooled
+        obs, exp = obs + [draws - sum(obs)], exp + [rest]
+    return chisquare(obs, exp).pvalue
+
+
+@pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+def test_new_families_draw_expert_sets_without_replacement(family):
+    select, fn = NEW_FAMILIES[family]
+    draws, tau = 40_000, 0.5
+    noise = _draws("engine", draws, LOGITS.numel()) * tau
+    _, idx = select(_FamilyRouter(fn), LOGITS.expand(draws, -1), noise)
+    counts = {}
+    for row in idx.sort(dim=-1).values.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert _chi_square_pvalue(counts, _expected_set_probs(LOGITS, tau), draws) > 1e-3
+
+
+def test_sparsemixer_first_choice_then_second_follow_softmax_over_tau():
+    """Sparsemixer keeps its order (first expert, then the best of the rest): the ordered pair is a draw without
+    replacement from softmax(R / tau), so the first choice alone follows softmax(R / tau)."""
+    draws, tau = 40_000, 0.5
+    noise = _draws("engine", draws, LOGITS.numel(), seed=1) * tau
+    _, idx = routing.sparsemixer_top2(_FamilyRouter(), LOGITS.expand(draws, -1), noise)
+    p = torch.softmax(LOGITS.double() / tau, dim=-1)
+    first = {(e,): int((idx[:, 0] == e).sum()) for e in range(len(p))}
+    assert _chi_square_pvalue(first, {(e,): float(p[e]) for e in range(len(p))}, draws) > 1e-3
+    pairs = {}
+    for row in idx.tolist():
+        pairs[tuple(row)] = pairs.get(tuple(row), 0) + 1
+    ordered = {o: _plackett_luce(p, o) for o in itertools.permutations(range(len(p)), 2)}
+    assert _chi_square_pvalue(pairs, ordered, draws) > 1e-3
+
+
+def test_sigmoid_bias_family_ranks_with_the_bias_it_is_given():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])  # forces expert 3 in, with its clean sigmoid score as weight
+    w, idx = routing.sigmoid_bias_topk(_FamilyRouter(), logits, torch.zeros_like(logits), bias)
+    assert sorted(idx[0].tolist()) == [0, 3]
+    scores = logits.sigmoid().gather(-1, idx)
+    torch.testing.assert_close(w, scores / scores.sum(-1, keepdim=True))
+
+
+def _router_call(block, router, hidden):
+    """Run an MoE block on hidden [1, T, H] and return its router's call arguments and (logits, weights, indices)."""
+    seen = {}
+    hook = router.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    try:
+        with torch.no_grad():
+            block(hidden)
+    finally:
+        hook.remove()
+    out = seen["out"]
+    return seen["args"], (out[::-1] if not out[0].is_floating_point() else out)  # old GraniteMoe: index first
+
+
+def _tiny_model(arch):
+    if arch != "cohere2_moe-sigmoid":
+        return tiny.tiny_model(arch)
+    from transformers import AutoConfig, AutoModelForCausalLM  # Cohere2-MoE's other router variant
+    cfg = AutoConfig.for_model("cohere2_moe", **{**tiny.COMMON, **tiny.ARCHS["cohere2_moe"],
+                                                 "expert_selection_fn": "sigmoid"})
+    return tiny.init_decisive(AutoModelForCausalLM.from_config(cfg), 0)
+
+
+@pytest.mark.parametrize("arch", sorted(tiny.ARCHS) + ["cohere2_moe-sigmoid"])
+def test_select_without_noise_is_the_models_own_router(arch):
+    """With zero noise, every registered select gives the experts and weights of the model's own router."""
+    from roe.adapters import adapter_for, find_moe_layers
+
+    model = _tiny_model(arch)
+    adapter = adapter_for(model)
+    layer, router = find_moe_layers(model)[0]
+    block = getattr(model.model.layers[layer], adapter.block_attr)
+    hidden = torch.randn(1, 16, tiny.COMMON["hidden_size"], generator=torch.Generator().manual_seed(0))
+    args, (logits, weights, idx) = _router_call(block, router, hidden)
+    flat = logits.reshape(-1, logits.shape[-1])
+    extra = args[1:] if adapter.router_args else ()
+    w, i = adapter.select(router, flat, torch.zeros_like(flat, dtype=torch.float32), *extra)
+    order, mine = idx.sort(-1), i.sort(-1)
+    assert torch.equal(order.values, mine.values)
+    torch.testing.assert_close(w.gather(-1, mine.indices), weights.float().gather(-1, order.indices))
 # arch-b: the router families of llama4_text (top-k then sigmoid), dbrx (softmax, top-k, p-norm) and
 # longcat_flash (softmax plus a correction bias, scaled): each ranks R (or a monotone function of it) when its
 # bias is zero, so its noisy choice must be Gumbel-top-k of softmax(R / tau)

@@ -35,6 +35,26 @@ ARCHS = {
                   moe_intermediate_size=16, n_shared_experts=1, head_dim=8),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_layer_start_index=0,
                          moe_num_shared_experts=0, head_dim=8),
+    # arch-a (issue 23). Windows (4) shorter than the test prompts plus their generations, so they matter.
+    "glm4_moe_lite": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                          moe_intermediate_size=16, n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16,
+                          qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4,
+                          mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    "sarvam_moe": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                       moe_intermediate_size=16, n_shared_experts=1, head_dim=8),
+    "exaone_moe": dict(num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16,
+                       num_shared_experts=1, head_dim=8, sliding_window=4, sliding_window_pattern=2,
+                       mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),  # NoPE on the global layers
+    "granitemoeshared": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=16),
+    "granitemoe_swa": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=16, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"] * 2,
+                           layer_rope_theta=[10000.0, 0, 10000.0, 0]),  # sinks; NoPE on the global layers
+    "cohere2_moe": dict(num_experts=8, num_experts_per_tok=2, head_dim=8, logit_scale=1.0, sliding_window=4,
+                        sliding_window_pattern=2, first_k_dense_replace=1, num_shared_experts=1),
+    "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, rotary_dim=4),
+    "afmoe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_shared_experts=1, head_dim=8,
+                  num_dense_layers=1, sliding_window=4, global_attn_every_n_layers=2, route_scale=2.5),
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=6),
     # arch-b: llama4_text, dbrx, jetmoe, longcat_flash
     # Llama 4: top-1 sigmoid router; layers 0-2 chunked local attention (chunk 4, shorter than the test prompts
     # plus their generations) with RoPE and qk norm, layer 3 NoPE with full attention
@@ -122,8 +142,9 @@ def init_decisive(model, seed: int):
             elif p.dim() >= 2:
                 normal_(p, p.shape[fan_in_dim] ** -0.5)
             elif pname.endswith(("bias", "sinks")):  # next to unit-scale activations (sinks: attention scores)
-                # the correction biases shift router probabilities or sigmoid scores (ernie's moe_statics here)
-                normal_(p, 0.1 if "correction" in pname else 0.5)
+                # the correction biases shift router probabilities or sigmoid scores (ernie's moe_statics, afmoe's
+            # expert_bias here)
+                normal_(p, 0.1 if "correction" in pname or pname.endswith("expert_bias") else 0.5)
             # else a norm weight: stays 1
         for bname, b in module.named_buffers(prefix=name, recurse=False):
             if bname.endswith("e_score_correction_bias"):  # deepseek_v3, glm4_moe, dots1: added to sigmoid scores
@@ -134,5 +155,28 @@ def init_decisive(model, seed: int):
 def save_tiny(arch: str, path, seed: int = 0):
     model = tiny_model(arch, seed)
     model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+# arch-b: multimodal top-level types as real checkpoints ship them (a text_config inside), built around the tiny
+# language model of ARCHS: top-level type -> (its language model's type, a minimal vision config)
+MULTIMODAL = {
+    "llama4": ("llama4_text", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                   image_size=28, patch_size=14, vision_output_dim=16, projector_input_dim=16,
+                                   projector_output_dim=16)),
+}
+
+
+def save_tiny_multimodal(model_type: str, path, seed: int = 0):
+    """A top-level checkpoint (vision tower and all) whose language model has tiny_model(text type)'s weights."""
+    from transformers import AutoModelForImageTextToText
+
+    text_type, vision = MULTIMODAL[model_type]
+    text = tiny_model(text_type, seed)
+    cfg = AutoConfig.for_model(model_type, text_config=text.config.to_dict(), vision_config=vision)
+    full = AutoModelForImageTextToText.from_config(cfg)
+    full.language_model.load_state_dict(text.state_dict())
+    full.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

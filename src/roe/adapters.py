@@ -63,9 +63,11 @@ TRIPLE = RouterOutput()  # transformers 5.x routers: (router_logits [T, E], top_
 class RouterAdapter:
     block_attr: str  # attribute of a decoder layer that holds the MoE block
     router_attr: str  # attribute of the MoE block that holds the router ("": the block itself is the router)
-    select: Callable  # (router, logits [T, E], noise [T, E]) -> (weights [T, k], indices [T, k])
+    select: Callable  # (router, logits [T, E], noise [T, E], *router_args) -> (weights [T, k], indices [T, k])
+    # pass the router's own call arguments after the hidden states on to select (MiniMax-M2 and AFMoE hand
+    # their router the expert-score bias that the MoE block holds): the exact bias the model used this call
+    router_args: bool = False
     output: RouterOutput = TRIPLE  # how the router's choice is read and replaced
-    layers: str = "model.layers"  # where the decoder layers are, from the causal-LM model
     num_experts_attr: str = "num_experts"  # the router's attribute that counts its logits (the noise's width)
 
 
@@ -105,6 +107,17 @@ register("deepseek_v3", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("glm4_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
+
+# --- arch-a: issue 23's registry-only types and the sigmoid-bias / Cohere2 / sparsemixer families ---
+register("glm4_moe_lite", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # DeepSeek-V3's router, MLA
+register("sarvam_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # runs as Glm4MoeForCausalLM
+register("exaone_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("granitemoeshared", RouterAdapter("block_sparse_moe", "router", routing.topk_softmax))
+register("granitemoe_swa", RouterAdapter("block_sparse_moe", "router", routing.topk_softmax))
+register("cohere2_moe", RouterAdapter("mlp", "gate", routing.topk_softmax_or_sigmoid))
+register("minimax_m2", RouterAdapter("mlp", "gate", routing.sigmoid_bias_topk, router_args=True))
+register("afmoe", RouterAdapter("mlp", "router", routing.sigmoid_bias_topk, router_args=True))
+register("phimoe", RouterAdapter("mlp", "router", routing.sparsemixer_top2))
 
 
 # --- arch-b: llama4_text, dbrx, jetmoe, longcat_flash ----------------------------------------------
@@ -163,15 +176,16 @@ BLOCK_CHOOSES = RouterOutput(logits=lambda block, out: block.router(_experts_inp
 
 register("llama4_text", RouterAdapter("feed_forward", "router", routing.topk_sigmoid, output=LLAMA4_OUTPUT))
 register("dbrx", RouterAdapter("ffn", "", routing.softmax_topk_pnorm, output=BLOCK_CHOOSES,
-                               layers="transformer.blocks", num_experts_attr="experts.num_experts"))
+                               num_experts_attr="experts.num_experts"))  # layers: transformer.blocks
 # the MLP router only: JetMoE's attention experts (its MoA router) stay the model's own choice, see README
 register("jetmoe", RouterAdapter("mlp", "router", routing.topk_softmax, output=JETMOE_OUTPUT))
 register("longcat_flash", RouterAdapter("mlp", "router", routing.softmax_bias_scaled,
                                         num_experts_attr="n_routed_experts"))
 
 def supported_architectures() -> list[str]:
-    """transformers `model_type` names that RoE can wrap."""
-    return sorted(ADAPTERS)
+    """transformers `model_type` names that RoE can wrap: the registry's, plus the multimodal top-level types
+    (qwen3_5_moe, llama4, qwen3_vl_moe, ...) whose language model is in the registry (RoE runs on it, text in)."""
+    return sorted(set(ADAPTERS) | {t for t, text in _multimodal_types().items() if text in ADAPTERS})
 
 
 class UnsupportedModelError(ValueError):
@@ -184,20 +198,140 @@ def _attribute_path(obj, path: str):
     return obj
 
 
+# MoE model types RoE refuses, with what is missing (one line each); supported ones are in ADAPTERS.
+# A test walks transformers' config mapping and fails on an MoE type that is in neither.
+_ENCODER_DECODER = "an encoder-decoder MoE: RoE runs decoder-only causal language models"
+_RECURRENT = "recurrent-state layers (linear attention, Mamba, convolution) the clean cache does not hold yet"
+_INDEXER = "its sparse-attention indexer (which keys each query reads) is not run per noisy sample yet"
+_ROUTER = "its router is not a family RoE perturbs yet"
+_NOT_TEXT = "not a left-to-right text generator RoE can drive"
+REFUSED: dict[str, str] = {
+    **dict.fromkeys(["switch_transformers", "nllb-moe"], _ENCODER_DECODER),
+    **dict.fromkeys(["bailing_hybrid", "granitemoehybrid", "jamba", "kimi_linear", "lfm2_moe", "minimax", "nemotron_h",
+                     "qwen3_next", "qwen3_5_moe_text", "qwen4_exp_text", "zaya", "lara_mini", "inkling_text",
+                     "inkling2_text", "inkling2_loop_text", "glm5_next_text"], _RECURRENT),
+    **dict.fromkeys(["deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note_text",
+                     "minimax_m3_vl_text", "mistral_large4_text"], _INDEXER),
+    **dict.fromkeys(["aria_text", "axk1", "beam", "deepseek_v2", "doge",
+                     "flint", "gemma4_text", "hy_v3", 
+                     "kolibri1", "laguna", "mellum", "mimo_v2_flash",
+                     "mistral4", "muse_spark_text", "sarvam_mla", "solar_open",
+                     "deepseek_ocr2_text", "unlimited_ocr_text", "ernie4_5_vl_moe_text", "glm4v_moe_text",
+                     "hy_v4_vl_text", "qwen3_vl_moe_text", "qwen3_omni_moe_thinker", "step3p5"], _ROUTER),
+    **dict.fromkeys(["diffusion_gemma", "diffusion_gemma_text"], _NOT_TEXT),
+}
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def text_config(config):
+    """The language model's config: the config itself, or a multimodal config's `text_config`."""
+    try:
+        return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    except ValueError:  # several text configs (an encoder-decoder with a text encoder): none is "the" LM
+        return config
+
+
+def registry_type(config) -> str:
+    """The registry key of a model: its language model's `model_type` (`qwen3_5_moe_text` for a qwen3_5_moe
+    checkpoint, which AutoModelForCausalLM loads as its text model)."""
+    return getattr(text_config(config), "model_type", None) or getattr(config, "model_type", "")
+
+
+def expert_count(config) -> int | None:
+    """The routed-expert count wherever the config keeps it (top level, `text_config`, dbrx's `ffn_config`)."""
+    for cfg in (config, text_config(config)):
+        for source in (cfg, getattr(cfg, "ffn_config", None)):
+            for name in EXPERT_COUNT_FIELDS:
+                value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                    return value
+    return None
+
+
+def _multimodal_types() -> dict[str, str]:
+    """Top-level model type -> its `text_config`'s model type, for every config class in transformers that has one."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    out = {}
+    for name in CONFIG_MAPPING:
+        try:
+            text = getattr(CONFIG_MAPPING[name], "sub_configs", {}).get("text_config")
+        except Exception:  # a config class whose module fails to import (optional dependencies)
+            continue
+        if getattr(text, "model_type", None):
+            out[name] = text.model_type
+    return out
+
+
+def _declares_experts(config_class) -> bool:
+    """Whether a config class (or its language model's, or DBRX's `ffn_config`) has a routed-expert count field,
+    whatever its default (Dots1 and Gemma 4 default to dense)."""
+    import dataclasses
+
+    subs = getattr(config_class, "sub_configs", {}) or {}
+    for cls in (config_class, subs.get("text_config"), subs.get("ffn_config")):
+        if cls is None:
+            continue
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        names |= set(getattr(cls, "__annotations__", {})) | set(getattr(cls, "attribute_map", {}))
+        if names & set(EXPERT_COUNT_FIELDS):
+            return True
+    return False
+
+
+def transformers_moe_types() -> list[str]:
+    """Every model type in this transformers whose config declares routed experts and that loads as a text
+    generator (causal LM, multimodal image-text-to-text, or encoder-decoder): walked from its config mapping."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    loadable = {**modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                **modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
+    found = []
+    for name in sorted(set(loadable) & set(configuration_auto.CONFIG_MAPPING_NAMES)):
+        try:
+            config_class = configuration_auto.CONFIG_MAPPING[name]
+        except Exception:  # a config whose module needs an optional dependency
+            continue
+        if _declares_experts(config_class):
+            found.append(name)
+    return found
+
+
+def check_supported(config) -> str:
+    """The registry key of a supported config, or UnsupportedModelError with one line naming what is missing."""
+    top, key = getattr(config, "model_type", "?"), registry_type(config)
+    if key in ADAPTERS:
+        return key
+    see = "see roe.supported_architectures()"
+    reason = REFUSED.get(top) or REFUSED.get(key)
+    if reason:
+        raise UnsupportedModelError(f"RoE does not run '{top}': {reason}; {see}")
+    if expert_count(config):
+        raise UnsupportedModelError(f"'{top}' is a Mixture-of-Experts architecture RoE does not support yet; {see}")
+    raise UnsupportedModelError(f"'{top}' is not a Mixture-of-Experts model: RoE perturbs expert routing; {see}")
+
+
+# where a model keeps its decoder layers: a causal LM, a multimodal model's language model, DBRX
+LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.blocks")
+
+
 def _decoder_layers(model: nn.Module):
-    adapter = ADAPTERS.get(getattr(model.config, "model_type", None))
-    path = adapter.layers if adapter is not None else "model.layers"
-    layers = _attribute_path(model, path)
-    if layers is None and path == "model.layers":  # a bare decoder (no causal-LM head around it)
-        layers = getattr(model, "layers", None)
-    if layers is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at .{path}")
-    return layers
+    for path in LAYER_PATHS:
+        layers = model
+        for part in path.split("."):
+            layers = getattr(layers, part, None)
+        if layers is not None:
+            return layers
+    raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at {' or '.join(LAYER_PATHS)}")
+
+
+def adapter_for(model: nn.Module) -> RouterAdapter:
+    return ADAPTERS[check_supported(model.config)]
 
 
 def num_experts(model: nn.Module, router: nn.Module) -> int:
     """How many logits a router scores: the width of its noise (LongCat's zero-computation experts count)."""
-    return int(_attribute_path(router, ADAPTERS[model.config.model_type].num_experts_attr))
+    return int(_attribute_path(router, adapter_for(model).num_experts_attr))
 
 
 def attention_owners(model: nn.Module) -> dict[int, int]:
@@ -219,22 +353,7 @@ def find_routers(model: nn.Module) -> list[nn.Module]:
 
 def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(decoder-layer index, router) of every MoE layer, in layer order (dense layers are skipped)."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    supported = ", ".join(supported_architectures())
-    adapter = ADAPTERS.get(model_type)
-    if adapter is None:
-        cfg = model.config
-        looks_moe = any(
-            getattr(cfg, a, None) for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-        )
-        if looks_moe:
-            raise UnsupportedModelError(
-                f"'{model_type}' is a Mixture-of-Experts architecture RoE does not support yet. Supported: {supported}."
-            )
-        raise UnsupportedModelError(
-            f"'{model_type}' is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE. "
-            f"Supported architectures: {supported}."
-        )
+    adapter = adapter_for(model)
     routers = []
     for i, layer in enumerate(_decoder_layers(model)):
         block = getattr(layer, adapter.block_attr, None)
@@ -242,16 +361,14 @@ def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
         if router is not None and hasattr(router, "top_k"):
             routers.append((i, router))
     if not routers:
-        raise UnsupportedModelError(
-            f"this '{model_type}' model has no MoE layers (every layer is dense); RoE needs at least one. "
-            f"Supported architectures: {supported}."
-        )
+        raise UnsupportedModelError(f"this '{model.config.model_type}' model has no MoE layers (every layer is "
+                                    "dense); RoE needs at least one")
     return routers
 
 
 def find_experts(model: nn.Module) -> list[nn.Module]:
     """The routed-experts module of every MoE layer, in the order of `find_moe_layers`."""
-    block_attr = ADAPTERS[model.config.model_type].block_attr
+    block_attr = adapter_for(model).block_attr
     layers = _decoder_layers(model)
     return [getattr(layers[i], block_attr).experts for i, _ in find_moe_layers(model)]
 
@@ -303,8 +420,9 @@ ACTIVE = ThreadSlot()  # the routing state of the forward pass running on this t
 LAYER_INPUTS = ThreadSlot()
 
 
-def _router_hook(layer: int, adapter: RouterAdapter, router: nn.Module, out):
-    """Replace the noisy rows' choice in `out` (the router's output, or the experts' (args, kwargs))."""
+def _router_hook(layer: int, adapter: RouterAdapter, router: nn.Module, out, extra=()):
+    """Replace the noisy rows' choice in `out` (the router's output, or the experts' (args, kwargs)); extra: the
+    router's own call arguments after the hidden states, for adapters with router_args."""
     state = ACTIVE.get()
     if state is None:
         return None
@@ -313,7 +431,8 @@ def _router_hook(layer: int, adapter: RouterAdapter, router: nn.Module, out):
     if noisy:
         flat = io.logits(router, out)
         flat = flat.reshape(-1, flat.shape[-1])  # [T, E]
-        noisy_w, noisy_idx = adapter.select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device))
+        noise = state.noise_for(layer, flat.shape[-1]).to(flat.device)
+        noisy_w, noisy_idx = adapter.select(router, flat, noise, *extra)
         rows = state.noisy_rows.to(flat.device)
         out = io.write(router, out, rows, noisy_w, noisy_idx)
         if idx is not None:
@@ -324,7 +443,7 @@ def _router_hook(layer: int, adapter: RouterAdapter, router: nn.Module, out):
 
 
 def _forward_hook(layer, adapter, router, module, args, output):
-    return _router_hook(layer, adapter, router, output)
+    return _router_hook(layer, adapter, router, output, args[1:] if adapter.router_args else ())
 
 
 def _experts_pre_hook(layer, adapter, router, module, args, kwargs):
@@ -340,7 +459,7 @@ def patch(model: nn.Module) -> list[nn.Module]:
     """Install the hooks once per model; returns the routers in MoE-layer order."""
     routers = find_routers(model)
     if getattr(model, "_roe_hooks", None) is None:
-        adapter = ADAPTERS[model.config.model_type]
+        adapter = adapter_for(model)
         if adapter.output.on_experts:  # the block chooses: its experts' inputs carry the choice
             blocks = [getattr(layer, adapter.block_attr) for layer in _decoder_layers(model)]
             experts = [blocks[i].experts for i, _ in find_moe_layers(model)]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 from . import experts as expert_dispatch
-from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, attention_owners, cache_argument, find_moe_layers
+from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, attention_owners, cache_argument, find_moe_layers, text_config
 from .routing import gumbel_noise
 
 CLEAN_ATTENTION = "roe_clean"
@@ -426,8 +426,8 @@ class RoEPass:
         # the decoder layer where a prompt's K samples separate (None: they never do)
         self.fanout = (noisy[0] if noisy else None) if share_layers else 0
         self.noisy = frozenset(m for m, t in enumerate(taus) if t > 0)
-        self.windows = sliding_windows(model.config)
-        self.chunks = attention_chunks(model.config)
+        self.windows = sliding_windows(text_config(model.config))  # a multimodal model: its language model's
+        self.chunks = attention_chunks(text_config(model.config))
         self.owners = {c: d for c, d in attention_owners(model).items() if c != d}
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
@@ -588,7 +588,7 @@ class RoEPass:
 
     def _call(self, step: _Step, fn, *args):
         """Run fn(*args) with the hooks, the attention and the expert dispatch of this step in place."""
-        config = self.model.config
+        config = text_config(self.model.config)  # the language model's config: the layers RoE runs read it
         saved_attn = config._attn_implementation
         saved_experts = getattr(config, "_experts_implementation", None)
         route_token = ACTIVE.set(step)

@@ -61,7 +61,7 @@ class RosterOfExperts:
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
-        self.max_context = getattr(model.config, "max_position_embeddings", None)
+        self.max_context = getattr(adapters.text_config(model.config), "max_position_embeddings", None)
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -79,7 +79,7 @@ class RosterOfExperts:
         """Load a checkpoint (a local folder, a hub id, or `builtin[:size]`) with safetensors only.
         compile and score_memory_bytes: as in the constructor."""
         check_budget(score_memory_bytes)  # before loading the weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         from .builtin import resolve_model
 
@@ -90,12 +90,10 @@ class RosterOfExperts:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot load a model config from {name_or_path!r}: {e}") from None
-        if config.model_type not in adapters.ADAPTERS:
-            # fail before loading gigabytes of weights
-            adapters.find_routers(type("Probe", (), {"config": config})())
+        adapters.check_supported(config)  # fail before loading gigabytes of weights
         if dtype is None:
             dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _auto_model_class(config).from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **model_kwargs
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -329,3 +327,12 @@ class RosterOfExperts:
     def __repr__(self) -> str:
         return f"RosterOfExperts({self.model.config.model_type}, {len(self.routers)} MoE layers, {self.config})"
 
+
+
+def _auto_model_class(config):
+    """AutoModelForCausalLM, which loads a multimodal checkpoint's language model alone where transformers maps it
+    (qwen3_5_moe, llama4); otherwise the multimodal model (qwen3_vl_moe), whose language model RoE runs on text."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText

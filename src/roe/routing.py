@@ -253,6 +253,76 @@ def softmax_bias_topk(router, logits: torch.Tensor, noise: torch.Tensor):
     return weights / weights.sum(dim=-1, keepdim=True).clamp(min=router.norm_min), idx
 
 
+# --- arch-a: Cohere2-MoE, MiniMax-M2 / AFMoE, Phi-3.5-MoE ---
+
+
+def topk_softmax_or_sigmoid(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Cohere2-MoE: top-k of the raw logits, then a softmax over the k chosen (expert_selection_fn="softmax")
+    or their sigmoids, renormalised where norm_topk_prob (expert_selection_fn="sigmoid").
+
+    Either way the ranked quantity is R itself, so the noise goes on R: exactly Gumbel-top-k of R / tau.
+    """
+    logits = logits.float()
+    idx = torch.topk(logits + noise, router.top_k, dim=-1).indices
+    chosen = logits.gather(-1, idx)  # [T, k] clean logits of the chosen experts
+    if router.expert_selection_fn == "sigmoid":
+        weights = chosen.sigmoid()
+        if router.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, idx
+    return F.softmax(chosen, dim=-1), idx
+
+
+def sigmoid_bias_topk(router, logits: torch.Tensor, noise: torch.Tensor, bias: torch.Tensor):
+    """Sigmoid scores, top-k of the scores plus an expert bias that the MoE block passes to its router
+    (MiniMax-M2's e_score_correction_bias, AFMoE's expert_bias; no groups); weights are the chosen experts'
+    clean sigmoid scores, renormalised, times AFMoE's route_scale.
+
+    As in sigmoid_grouped, the ranked quantity sigmoid(R) + bias is perturbed through its logit pre-image
+    R: the noise goes on R before the sigmoid and the bias applies to the perturbed scores. The sigmoid is
+    monotone, so with a zero bias the choice is exactly Gumbel-top-k of R / tau; the (load-balancing) bias
+    shifts the noisy choice exactly as it shifts the clean one.
+    """
+    logits = logits.float()
+    scores = logits.sigmoid()
+    choice = (logits + noise).sigmoid() + bias.float()
+    idx = torch.topk(choice, router.top_k, dim=-1).indices
+    weights = scores.gather(-1, idx)
+    scale = getattr(router, "route_scale", None)
+    if scale is None:  # MiniMax-M2: a plain renormalisation
+        return weights / weights.sum(dim=-1, keepdim=True), idx
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scale, idx
+
+
+def _sparsemixer_weight(scores: torch.Tensor, candidates: torch.Tensor, chosen: torch.Tensor, eps: float):
+    """Phi-MoE's sparsemixer weight (eval mode) of `chosen` [T, 1]: the softmax over `candidates` [T, E]
+    (scores with earlier choices at -inf) of the experts whose clean score is within the relative distance
+    2 * eps of the chosen one's (the model's threshold, anchored at the chosen expert instead of the maximum)."""
+    top = scores.gather(-1, chosen)  # [T, 1]
+    factor = scores.abs().clamp(min=top)
+    far = (top - scores) / factor > 2 * eps
+    return F.softmax(candidates.masked_fill(far, float("-inf")), dim=-1).gather(-1, chosen)
+
+
+def sparsemixer_top2(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Phi-3.5-MoE's sparsemixer (eval mode): the first expert is the top logit, the second the top of the rest,
+    each weighted by a softmax over the experts whose logits lie within 2 * router_jitter_noise of its own.
+
+    In eval mode the masks change only the weights, never the choice: the two experts are the top-2 of R. So
+    the noise goes on R and the perturbed logits R + tau * G choose, in order (first: argmax, a draw from
+    softmax(R / tau); second: argmax of the rest): exactly Gumbel-top-2 of R / tau, as in every other family.
+    The weights are the model's own sparsemixer formula for the chosen experts on the CLEAN logits R, with each
+    mask anchored at the chosen expert's logit (where the choice is the clean one, the model's weights exactly).
+    """
+    logits = logits.float()
+    eps = router.router_jitter_noise
+    noisy = logits + noise
+    first = noisy.argmax(dim=-1, keepdim=True)  # [T, 1]
+    second = noisy.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
+    w_first = _sparsemixer_weight(logits, logits, first, eps)
+    w_second = _sparsemixer_weight(logits, logits.scatter(-1, first, float("-inf")), second, eps)
+    return torch.cat([w_first, w_second], dim=-1), torch.cat([first, second], dim=-1)
+
 # --- arch-b: llama4_text, dbrx, longcat_flash --------------------------------------------------------
 
 
