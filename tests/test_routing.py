@@ -274,16 +274,58 @@ def _tiny_model(arch):
     return tiny.init_decisive(AutoModelForCausalLM.from_config(cfg), 0)
 
 
+def _own_output_call(block, router, adapter, hidden):
+    """The output where the adapter reads the model's choice (the router's, or the experts' (args, kwargs))."""
+    seen = {}
+    if adapter.output.on_experts:
+        hook = block.experts.register_forward_pre_hook(lambda m, a, kw: seen.update(out=(a, kw)), with_kwargs=True)
+    else:
+        hook = router.register_forward_hook(lambda m, a, out: seen.update(out=out))
+    try:
+        with torch.no_grad():
+            block(hidden)
+    finally:
+        hook.remove()
+    return seen["out"]
+
+
+def _assert_same_leaves(got, want):
+    if isinstance(got, torch.Tensor):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if got.is_floating_point():
+            torch.testing.assert_close(got, want)
+        else:
+            assert torch.equal(got, want)
+    elif isinstance(got, (tuple, list)):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            _assert_same_leaves(g, w)
+    elif isinstance(got, dict):
+        assert got.keys() == want.keys()
+        for k in got:
+            _assert_same_leaves(got[k], want[k])
+    else:
+        assert got == want
+
+
 @pytest.mark.parametrize("arch", sorted(tiny.ARCHS) + ["cohere2_moe-sigmoid"])
 def test_select_without_noise_is_the_models_own_router(arch):
     """With zero noise, every registered select gives the experts and weights of the model's own router."""
-    from roe.adapters import adapter_for, find_moe_layers
+    from roe.adapters import TRIPLE, _decoder_layers, adapter_for, find_moe_layers
 
     model = _tiny_model(arch)
     adapter = adapter_for(model)
     layer, router = find_moe_layers(model)[0]
-    block = getattr(model.model.layers[layer], adapter.block_attr)
+    block = getattr(_decoder_layers(model)[layer], adapter.block_attr)
     hidden = torch.randn(1, 16, tiny.COMMON["hidden_size"], generator=torch.Generator().manual_seed(0))
+    if adapter.output is not TRIPLE:  # arch-b: a router output of its own layout; the zero-noise choice written
+        out = _own_output_call(block, router, adapter, hidden)  # into every row must give the model's own output
+        flat = adapter.output.logits(router, out)
+        w, i = adapter.select(router, flat, torch.zeros_like(flat, dtype=torch.float32))
+        rows = torch.ones(flat.shape[0], 1, dtype=torch.bool)
+        _assert_same_leaves(adapter.output.write(router, out, rows, w, i), out if not adapter.output.on_experts
+                            else (out[0], {}))
+        return
     args, (logits, weights, idx) = _router_call(block, router, hidden)
     flat = logits.reshape(-1, logits.shape[-1])
     extra = args[1:] if adapter.router_args else ()
@@ -291,6 +333,8 @@ def test_select_without_noise_is_the_models_own_router(arch):
     order, mine = idx.sort(-1), i.sort(-1)
     assert torch.equal(order.values, mine.values)
     torch.testing.assert_close(w.gather(-1, mine.indices), weights.float().gather(-1, order.indices))
+
+
 # arch-b: the router families of llama4_text (top-k then sigmoid), dbrx (softmax, top-k, p-norm) and
 # longcat_flash (softmax plus a correction bias, scaled): each ranks R (or a monotone function of it) when its
 # bias is zero, so its noisy choice must be Gumbel-top-k of softmax(R / tau)
