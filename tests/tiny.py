@@ -6,7 +6,7 @@ import string
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -35,6 +35,51 @@ ARCHS = {
                   moe_intermediate_size=16, n_shared_experts=1, head_dim=8),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_layer_start_index=0,
                          moe_num_shared_experts=0, head_dim=8),
+    # --- arch-d: sigmoid routers, group-limited softmax, multimodal checkpoints (a "text_config" entry: the tiny
+    # language model goes there, the vision tower gets VISION[type]); sliding windows of 4 and dense first layers
+    "mellum": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention"] * 2, mlp_layer_types=["dense"] + ["sparse"] * 3),
+    "aria_text": dict(moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=8),
+    "flint": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                  head_dim=8, sliding_window=4, mlp_only_layers=[0], decoder_sparse_step=1),  # sinks, NoPE full layers
+    "laguna": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                   head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                   num_attention_heads_per_layer=[4, 2, 4, 2], moe_router_logit_softcapping=3.0,
+                   moe_routed_scaling_factor=1.5),
+    "hy_v3": dict(num_experts=8, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16, head_dim=8,
+                  mlp_layer_types=["dense"] + ["sparse"] * 3),
+    "beam": dict(num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16, head_dim=8,
+                 sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                 mlp_layer_types=["dense"] + ["sparse"] * 3),  # NoPE full layers with a scaled query, gated attention
+    "mistral4": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                     moe_intermediate_size=16, n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16,
+                     qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4,
+                     routed_scaling_factor=1.5,  # a query scale that grows past position 4 (llama_4_scaling_beta)
+                     rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=32.0,
+                                          original_max_position_embeddings=4, max_position_embeddings=128,
+                                          beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
+                                          llama_4_scaling_beta=0.1)),
+    "qwen3_vl_moe": dict(text_config=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                                          decoder_sparse_step=1, mlp_only_layers=[],
+                                          rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                               mrope_section=[2, 1, 1], mrope_interleaved=True))),
+    "glm4v_moe": dict(text_config=dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                       first_k_dense_replace=1, moe_intermediate_size=16, n_shared_experts=1,
+                                       head_dim=16,  # half of it rotary, in three mrope sections
+                                       rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                            partial_rotary_factor=0.5, mrope_section=[2, 1, 1]))),
+    "ernie4_5_vl_moe": dict(text_config=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=[16, 16],
+                                             moe_num_shared_experts=1, head_dim=8,
+                                             rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                  mrope_section=[1, 1, 2]))),
+}
+
+# the tiny vision towers of the multimodal entries above (never run: RoE's prompts are text)
+VISION = {
+    "qwen3_vl_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+                         num_position_embeddings=16, deepstack_visual_indexes=[0]),
+    "glm4v_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+    "ernie4_5_vl_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2),
 }
 
 # sliding-window variants of the architectures that have one: name -> (model_type, config overrides).
@@ -59,10 +104,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_config(arch: str):
     model_type, overrides = SLIDING.get(arch, (arch, {}))
-    cfg = AutoConfig.for_model(model_type, **{**COMMON, **ARCHS[model_type], **overrides})
-    return init_decisive(AutoModelForCausalLM.from_config(cfg), seed)  # every random weight comes from seed
+    fields = {**ARCHS[model_type], **overrides}
+    if "text_config" in fields:  # a multimodal checkpoint: the tiny language model is its text_config
+        text = {**COMMON, **fields.pop("text_config")}
+        tokens = {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        return AutoConfig.for_model(model_type, text_config=text, vision_config=VISION[model_type],
+                                    tie_word_embeddings=False, **tokens, **fields)
+    return AutoConfig.for_model(model_type, **{**COMMON, **fields})
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from roe.roster import _auto_model_class  # the class RoE loads it with (a multimodal model, mistral4)
+
+    cfg = tiny_config(arch)
+    return init_decisive(_auto_model_class(cfg).from_config(cfg), seed)  # every random weight comes from seed
 
 
 # below a layer's output (about unit scale): the residual stream is mostly the layers' work, so removing them
@@ -92,14 +149,14 @@ def init_decisive(model, seed: int):
     def normal_(tensor, std):
         tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
 
-    hidden = model.config.hidden_size
+    hidden = model.config.get_text_config(decoder=True).hidden_size  # a multimodal model: its language model's
     for name, module in model.named_modules():
         # expert weights: [E, out, in], or [E, in, out] where the experts class says is_transposed (gpt_oss)
         fan_in_dim = 1 if getattr(module, "is_transposed", False) else -1
         for pname, p in module.named_parameters(prefix=name, recurse=False):
             if pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
                 normal_(p, ROUTER_LOGIT_STD / p.shape[-1] ** 0.5)
-            elif pname == "model.embed_tokens.weight":
+            elif pname.endswith("embed_tokens.weight"):  # model. or model.language_model.
                 normal_(p, EMBED_STD)
             elif pname == "lm_head.weight":  # the final norm gives unit-scale hidden states
                 normal_(p, LOGIT_STD / hidden ** 0.5)

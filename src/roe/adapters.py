@@ -25,9 +25,12 @@ from . import routing
 
 @dataclass(frozen=True)
 class RouterAdapter:
-    block_attr: str  # attribute of a decoder layer that holds the MoE block
+    block_attr: str  # attribute of a decoder layer that holds the MoE block (dotted where nested: "mlp.text_moe")
     router_attr: str  # attribute of the MoE block that holds the router
-    select: Callable  # (router, logits [T, E], noise [T, E]) -> (weights [T, k], indices [T, k])
+    select: Callable  # (router, logits [T, E], noise [T, E], *router_args) -> (weights [T, k], indices [T, k])
+    # pass the router's own call arguments after the hidden states on to select (MiniMax-M2 and AFMoE hand
+    # their router the expert-score bias that the MoE block holds): the exact bias the model used this call
+    router_args: bool = False
 
 
 ADAPTERS: dict[str, RouterAdapter] = {}
@@ -67,6 +70,18 @@ register("glm4_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
 
+# --- arch-d: issue 23's further types (sigmoid routers, group-limited softmax, multimodal language models) ---
+register("mellum", RouterAdapter("mlp", "gate", _norm_flag))  # Qwen3-MoE's router
+register("aria_text", RouterAdapter("mlp", "router", routing.topk_softmax))
+register("flint", RouterAdapter("mlp", "gate", routing.flint_sigmoid_topk))
+register("laguna", RouterAdapter("mlp", "gate", routing.laguna_sigmoid_topk))
+register("hy_v3", RouterAdapter("mlp", "gate", routing.hy_v3_sigmoid_topk, router_args=True))
+register("beam", RouterAdapter("mlp", "gate", routing.sigmoid_grouped_unscaled))
+register("mistral4", RouterAdapter("mlp", "gate", routing.softmax_grouped))
+register("qwen3_vl_moe_text", RouterAdapter("mlp", "gate", _always_norm))
+register("glm4v_moe_text", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("ernie4_5_vl_moe_text", RouterAdapter("mlp.text_moe", "gate", routing.softmax_bias_topk))  # text experts
+
 
 def supported_architectures() -> list[str]:
     """transformers `model_type` names that RoE can wrap: the registry's, plus the multimodal top-level types
@@ -92,12 +107,12 @@ REFUSED: dict[str, str] = {
                      "inkling2_text", "inkling2_loop_text", "glm5_next_text"], _RECURRENT),
     **dict.fromkeys(["deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note_text",
                      "minimax_m3_vl_text", "mistral_large4_text"], _INDEXER),
-    **dict.fromkeys(["afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "dbrx", "deepseek_v2", "doge", "exaone_moe",
-                     "flint", "gemma4_text", "glm4_moe_lite", "granitemoe_swa", "granitemoeshared", "hy_v3", "jetmoe",
-                     "kolibri1", "laguna", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash", "minimax_m2",
-                     "mistral4", "muse_spark_text", "phimoe", "sarvam_mla", "sarvam_moe", "solar_open",
-                     "deepseek_ocr2_text", "unlimited_ocr_text", "ernie4_5_vl_moe_text", "glm4v_moe_text",
-                     "hy_v4_vl_text", "qwen3_vl_moe_text", "qwen3_omni_moe_thinker", "step3p5"], _ROUTER),
+    **dict.fromkeys(["afmoe", "axk1", "cohere2_moe", "dbrx", "deepseek_v2", "doge", "exaone_moe",
+                     "gemma4_text", "glm4_moe_lite", "granitemoe_swa", "granitemoeshared", "jetmoe",
+                     "kolibri1", "llama4_text", "longcat_flash", "mimo_v2_flash", "minimax_m2",
+                     "muse_spark_text", "phimoe", "sarvam_mla", "sarvam_moe", "solar_open",
+                     "deepseek_ocr2_text", "unlimited_ocr_text",
+                     "hy_v4_vl_text", "qwen3_omni_moe_thinker", "step3p5"], _ROUTER),
     **dict.fromkeys(["diffusion_gemma", "diffusion_gemma_text"], _NOT_TEXT),
 }
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -195,6 +210,13 @@ def check_supported(config) -> str:
 LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.blocks")
 
 
+def _attr_path(obj, path: str):
+    """obj.a.b for path "a.b" (None where a part is missing)."""
+    for part in path.split(".") if path else ():
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def _decoder_layers(model: nn.Module):
     for path in LAYER_PATHS:
         layers = model
@@ -219,7 +241,7 @@ def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     adapter = adapter_for(model)
     routers = []
     for i, layer in enumerate(_decoder_layers(model)):
-        block = getattr(layer, adapter.block_attr, None)
+        block = _attr_path(layer, adapter.block_attr)
         router = getattr(block, adapter.router_attr, None) if block is not None else None
         if router is not None and hasattr(router, "top_k"):
             routers.append((i, router))
@@ -233,7 +255,7 @@ def find_experts(model: nn.Module) -> list[nn.Module]:
     """The routed-experts module of every MoE layer, in the order of `find_moe_layers`."""
     block_attr = adapter_for(model).block_attr
     layers = _decoder_layers(model)
-    return [getattr(layers[i], block_attr).experts for i, _ in find_moe_layers(model)]
+    return [_attr_path(layers[i], block_attr).experts for i, _ in find_moe_layers(model)]
 
 
 class ThreadSlot:
@@ -283,7 +305,7 @@ ACTIVE = ThreadSlot()  # the routing state of the forward pass running on this t
 LAYER_INPUTS = ThreadSlot()
 
 
-def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
+def _router_hook(layer: int, select: Callable, router_args: bool, router: nn.Module, args, output):
     state = ACTIVE.get()
     if state is None:
         return None
@@ -292,7 +314,8 @@ def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
     logits, weights, idx = output[::-1] if index_first else output
     if layer in state.noisy:
         flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
-        noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device))
+        extra = args[1:] if router_args else ()  # the router's own arguments after the hidden states
+        noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device), *extra)
         rows = state.noisy_rows.to(flat.device)
         weights = torch.where(rows, noisy_w.to(weights.dtype), weights)
         idx = torch.where(rows, noisy_idx.to(idx.dtype), idx)
@@ -310,8 +333,9 @@ def patch(model: nn.Module) -> list[nn.Module]:
     """Install the hooks once per model; returns the routers in MoE-layer order."""
     routers = find_routers(model)
     if getattr(model, "_roe_hooks", None) is None:
-        select = adapter_for(model).select
-        hooks = [r.register_forward_hook(partial(_router_hook, i, select)) for i, r in enumerate(routers)]
+        adapter = adapter_for(model)
+        hooks = [r.register_forward_hook(partial(_router_hook, i, adapter.select, adapter.router_args))
+                 for i, r in enumerate(routers)]
         hooks += [layer.register_forward_pre_hook(partial(_layer_pre_hook, i), with_kwargs=True)
                   for i, layer in enumerate(_decoder_layers(model))]
         model._roe_hooks = hooks
