@@ -51,3 +51,15 @@ def test_a_multimodal_checkpoint_is_keyed_by_its_language_model():
     assert adapters.registry_type(AutoConfig.for_model("qwen3_5_moe")) == "qwen3_5_moe_text"
     assert adapters.registry_type(AutoConfig.for_model("llama4")) == "llama4_text"
     assert adapters.registry_type(AutoConfig.for_model("olmoe")) == "olmoe"
+
+
+def test_a_multimodal_checkpoint_loads_whole_and_roe_runs_its_language_model(tiny_path):
+    # arch-d: qwen3_vl_moe has no causal-LM class: the image-text model loads (vision tower included) and RoE's
+    # routers are its language model's; test_equivalence runs it through the tau = 0 / noise tests like any arch
+    from roe import RosterOfExperts
+
+    roster = RosterOfExperts.from_pretrained(tiny_path("qwen3_vl_moe"))
+    assert type(roster.model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    assert hasattr(roster.model.model, "visual")
+    assert len(roster.routers) == roster.model.config.text_config.num_hidden_layers
+    assert {"qwen3_vl_moe", "qwen3_vl_moe_text"} <= set(supported_architectures())

@@ -72,6 +72,19 @@ ARCHS = {
                                              moe_num_shared_experts=1, head_dim=8,
                                              rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                                   mrope_section=[1, 1, 2]))),
+    # Gemma 4's MoE variant: router and experts beside the dense MLP of every layer; per-layer inputs, a wider
+    # head on full layers whose values are their keys (attention_k_eq_v), windows of 4
+    "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16, head_dim=8,
+                        global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+                        vocab_size_per_layer_input=128, num_kv_shared_layers=0),
+    "muse_spark": dict(text_config=dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        moe_hidden_size=16, head_dim=8, sliding_window=4, routed_scaling_factor=1.5,
+                                        output_multiplier=1.0,  # (router and output logits) decisive, not flat
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        mlp_layer_types=["dense"] + ["sparse"] * 3),
+                       audio_config=dict(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_hidden_size=32),
+                       out_hidden_size=32, projector_hidden_size=16),
 }
 
 # the tiny vision towers of the multimodal entries above (never run: RoE's prompts are text)
@@ -80,6 +93,8 @@ VISION = {
                          num_position_embeddings=16, deepstack_visual_indexes=[0]),
     "glm4v_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
     "ernie4_5_vl_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2),
+    "muse_spark": dict(num_hidden_layers=1, hidden_size=16, intermediate_size=16, num_attention_heads=2,
+                       pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16),
 }
 
 # sliding-window variants of the architectures that have one: name -> (model_type, config overrides).
@@ -154,7 +169,12 @@ def init_decisive(model, seed: int):
         # expert weights: [E, out, in], or [E, in, out] where the experts class says is_transposed (gpt_oss)
         fan_in_dim = 1 if getattr(module, "is_transposed", False) else -1
         for pname, p in module.named_parameters(prefix=name, recurse=False):
-            if pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
+            if pname.endswith("router.proj.weight"):  # Gemma 4: its input is scaled to unit norm (1/sqrt(hidden))
+                normal_(p, ROUTER_LOGIT_STD)
+            elif pname.endswith("per_expert_scale"):  # Gemma 4's weight scale per expert: not all one
+                normal_(p, 0.3)
+                p.add_(1.0)
+            elif pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
                 normal_(p, ROUTER_LOGIT_STD / p.shape[-1] ** 0.5)
             elif pname.endswith("embed_tokens.weight"):  # model. or model.language_model.
                 normal_(p, EMBED_STD)

@@ -53,7 +53,7 @@ class RosterOfExperts:
         if not isinstance(self.config, RoEConfig):
             raise TypeError(f"roe must be a RoEConfig, got {type(self.config).__name__}")
         self.routers = adapters.patch(model)
-        self.num_experts = [int(r.num_experts) for r in self.routers]
+        self.num_experts = adapters.expert_counts(model)
         self.taus = layer_taus(self.config.tau, self.config.skip_layers, len(self.routers))
         eos = getattr(model.generation_config, "eos_token_id", None)
         if eos is None:

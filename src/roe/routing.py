@@ -331,3 +331,24 @@ def softmax_grouped(router, logits: torch.Tensor, noise: torch.Tensor):
     if router.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * router.routed_scaling_factor, idx
+
+
+def muse_spark_sigmoid_topk(router, logits: torch.Tensor, noise: torch.Tensor):
+    """MuseSpark: the router's logits (already times output_multiplier, as it returns them), its own correction
+    bias, renormalised (+norm_topk_prob_eps), times routed_scaling_factor."""
+    return sigmoid_topk(logits, noise, router.top_k, bias=router.e_score_correction_bias,
+                        eps=router.norm_topk_prob_eps, scale=router.routed_scaling_factor)
+
+
+def gemma4_probs_topk(router, probs: torch.Tensor, noise: torch.Tensor):
+    """Gemma 4: its router returns softmax probabilities p, not logits; top-k of p, renormalised, each weight
+    times its expert's per_expert_scale.
+
+    The ranked quantity p has the logit pre-image log p = R - logsumexp(R), R shifted by one constant per
+    token, so top-k of log p + tau * G is exactly Gumbel-top-k of R / tau.
+    """
+    probs = probs.float()
+    idx = torch.topk(probs.log() + noise, router.config.top_k_experts, dim=-1).indices
+    weights = probs.gather(-1, idx)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * router.per_expert_scale[idx].float(), idx
