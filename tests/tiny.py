@@ -85,6 +85,10 @@ ARCHS = {
                                         mlp_layer_types=["dense"] + ["sparse"] * 3),
                        audio_config=dict(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_hidden_size=32),
                        out_hidden_size=32, projector_hidden_size=16),
+    "deepseek_ocr2": dict(text_config=dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                           topk_method="group_limited_greedy", moe_intermediate_size=16,
+                                           n_shared_experts=1, routed_scaling_factor=1.5, head_dim=8,
+                                           mlp_layer_types=["dense"] + ["sparse"] * 3)),
 }
 
 # the tiny vision towers of the multimodal entries above (never run: RoE's prompts are text)
@@ -93,6 +97,11 @@ VISION = {
                          num_position_embeddings=16, deepstack_visual_indexes=[0]),
     "glm4v_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
     "ernie4_5_vl_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2),
+    "deepseek_ocr2": dict(sam_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2,
+                                          image_size=64, window_size=2, global_attn_indexes=[0],
+                                          downsample_channels=[16, 32]),
+                          encoder_config=dict(hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=8)),
     "muse_spark": dict(num_hidden_layers=1, hidden_size=16, intermediate_size=16, num_attention_heads=2,
                        pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16),
 }

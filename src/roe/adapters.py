@@ -83,6 +83,7 @@ register("mistral4", RouterAdapter("mlp", "gate", routing.softmax_grouped))
 register("qwen3_vl_moe_text", RouterAdapter("mlp", "gate", _always_norm))
 register("glm4v_moe_text", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_vl_moe_text", RouterAdapter("mlp.text_moe", "gate", routing.softmax_bias_topk))  # text experts
+register("deepseek_ocr2_text", RouterAdapter("mlp", "gate", routing.softmax_topk_v2))
 register("muse_spark_text", RouterAdapter("mlp", "gate", routing.muse_spark_sigmoid_topk))
 # Gemma 4: router and experts sit on the decoder layer itself (block ""), beside its dense MLP
 register("gemma4_text", RouterAdapter("", "router", routing.gemma4_probs_topk,
@@ -117,7 +118,6 @@ REFUSED: dict[str, str] = {
                      "glm4_moe_lite", "granitemoe_swa", "granitemoeshared", "jetmoe",
                      "kolibri1", "llama4_text", "longcat_flash", "mimo_v2_flash", "minimax_m2",
                      "phimoe", "sarvam_mla", "sarvam_moe", "solar_open",
-                     "deepseek_ocr2_text", "unlimited_ocr_text",
                      "step3p5"], _ROUTER),
     **dict.fromkeys(["diffusion_gemma", "diffusion_gemma_text"], _NOT_TEXT),
 }
@@ -125,6 +125,8 @@ REFUSED: dict[str, str] = {
 REFUSED.update({
     "doge": "product-key expert retrieval inside its MoE block (no router to hook) and value-dependent dynamic attention "
             "masks",
+    "unlimited_ocr_text": "reference sliding-window attention (prefill kept whole, a window over decoded tokens): "
+                          "not in the clean cache",
     "qwen3_omni_moe_thinker": "an omni (audio, image, video) model's thinker: no tiny omni checkpoint tests RoE on it",
 })
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")

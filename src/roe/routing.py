@@ -352,3 +352,27 @@ def gemma4_probs_topk(router, probs: torch.Tensor, noise: torch.Tensor):
     weights = probs.gather(-1, idx)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * router.per_expert_scale[idx].float(), idx
+
+
+def softmax_topk_v2(router, logits: torch.Tensor, noise: torch.Tensor):
+    """DeepSeek-V2's router as DeepSeek-OCR-2 keeps it: softmax probabilities, top-k ("greedy"), or top-k within
+    the topk_group groups of highest maximum probability ("group_limited_greedy", the others set to 0); the
+    chosen probabilities, not renormalised, times routed_scaling_factor.
+
+    softmax(R) orders like R, so the noise goes on R: the group limit and the top-k apply to softmax(R + tau*G);
+    the weights are the clean probabilities (0 where the model's mask would zero a chosen expert).
+    """
+    logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    choice = F.softmax(logits + noise, dim=-1)
+    keep = torch.ones_like(choice, dtype=torch.bool)
+    if router.topk_method == "group_limited_greedy":
+        T, E = choice.shape
+        group_scores = choice.view(T, router.num_group, E // router.num_group).max(dim=-1).values
+        groups = torch.zeros_like(group_scores, dtype=torch.bool)
+        groups.scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, True)
+        keep = groups.repeat_interleave(E // router.num_group, dim=1)
+        choice = choice.masked_fill(~keep, 0.0)
+    idx = choice.topk(router.top_k, dim=-1).indices
+    weights = probs.gather(-1, idx) * keep.gather(-1, idx)
+    return weights * router.routed_scaling_factor, idx
