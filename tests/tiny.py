@@ -186,7 +186,8 @@ def init_decisive(model, seed: int):
             elif pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
                 normal_(p, ROUTER_LOGIT_STD / p.shape[-1] ** 0.5)
             elif pname.endswith("embed_tokens.weight"):  # model. or model.language_model.
-                normal_(p, EMBED_STD)
+                # Gemma's embedding multiplies its output by sqrt(hidden): the residual stream starts at EMBED_STD
+                normal_(p, EMBED_STD / float(getattr(module, "scalar_embed_scale", 1.0)))
             elif pname == "lm_head.weight":  # the final norm gives unit-scale hidden states
                 normal_(p, LOGIT_STD / hidden ** 0.5)
             elif p.dim() >= 2:
@@ -194,7 +195,11 @@ def init_decisive(model, seed: int):
             elif pname.endswith(("bias", "sinks")):  # next to unit-scale activations (sinks: attention scores)
                 # the correction biases shift router probabilities or sigmoid scores (ernie's moe_statics here)
                 normal_(p, 0.1 if "correction" in pname else 0.5)
-            # else a norm weight: stays 1
+            elif p.numel() > 1 and not torch.all(p == p.reshape(-1)[0]):
+                # a vector transformers drew at random (MuseSpark's residual gates, DeepSeek-OCR-2's view separator):
+                # drawn again from the seed, or the checkpoint would not be a function of it
+                normal_(p, 0.5)
+            # else a norm weight: stays constant (1, or 0 where the norm adds 1)
         for bname, b in module.named_buffers(prefix=name, recurse=False):
             if bname.endswith("e_score_correction_bias"):  # deepseek_v3, glm4_moe, dots1: added to sigmoid scores
                 normal_(b, 0.1)
