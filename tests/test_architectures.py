@@ -63,3 +63,15 @@ def test_the_readme_table_lists_exactly_the_supported_architectures():
     assert set(rows) == set(supported_architectures())
     for line in table.strip().splitlines()[2:]:  # every row names a checkpoint, a family and what is perturbed
         assert all(cell.strip() for cell in line.split("|")[1:-1]), line
+
+
+def test_a_multimodal_checkpoint_loads_whole_and_roe_runs_its_language_model(tiny_path):
+    # arch-d: qwen3_vl_moe has no causal-LM class: the image-text model loads (vision tower included) and RoE's
+    # routers are its language model's; test_equivalence runs it through the tau = 0 / noise tests like any arch
+    from roe import RosterOfExperts
+
+    roster = RosterOfExperts.from_pretrained(tiny_path("qwen3_vl_moe"))
+    assert type(roster.model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    assert hasattr(roster.model.model, "visual")
+    assert len(roster.routers) == roster.model.config.text_config.num_hidden_layers
+    assert {"qwen3_vl_moe", "qwen3_vl_moe_text"} <= set(supported_architectures())

@@ -252,13 +252,14 @@ def test_sigmoid_bias_family_ranks_with_the_bias_it_is_given():
     torch.testing.assert_close(w, scores / scores.sum(-1, keepdim=True))
 
 
-def _router_call(block, router, hidden):
-    """Run an MoE block on hidden [1, T, H] and return its router's call arguments and (logits, weights, indices)."""
+def _router_call(model, router):
+    """Run the model on 16 random tokens and return a router's call arguments and (logits, weights, indices)
+    (the whole model, not the MoE block: Gemma 4's router sits on the decoder layer beside its attention)."""
     seen = {}
     hook = router.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
     try:
         with torch.no_grad():
-            block(hidden)
+            model(input_ids=torch.randint(3, tiny.VOCAB, (1, 16), generator=torch.Generator().manual_seed(0)))
     finally:
         hook.remove()
     out = seen["out"]
@@ -311,12 +312,12 @@ def _assert_same_leaves(got, want):
 @pytest.mark.parametrize("arch", sorted(tiny.ARCHS) + ["cohere2_moe-sigmoid"])
 def test_select_without_noise_is_the_models_own_router(arch):
     """With zero noise, every registered select gives the experts and weights of the model's own router."""
-    from roe.adapters import TRIPLE, _decoder_layers, adapter_for, find_moe_layers
+    from roe.adapters import TRIPLE, _attribute_path, _decoder_layers, adapter_for, find_moe_layers
 
     model = _tiny_model(arch)
     adapter = adapter_for(model)
     layer, router = find_moe_layers(model)[0]
-    block = getattr(_decoder_layers(model)[layer], adapter.block_attr)
+    block = _attribute_path(_decoder_layers(model)[layer], adapter.block_attr)  # dotted, or "": the layer itself
     hidden = torch.randn(1, 16, tiny.COMMON["hidden_size"], generator=torch.Generator().manual_seed(0))
     if adapter.output is not TRIPLE:  # arch-b: a router output of its own layout; the zero-noise choice written
         out = _own_output_call(block, router, adapter, hidden)  # into every row must give the model's own output
@@ -326,7 +327,7 @@ def test_select_without_noise_is_the_models_own_router(arch):
         _assert_same_leaves(adapter.output.write(router, out, rows, w, i), out if not adapter.output.on_experts
                             else (out[0], {}))
         return
-    args, (logits, weights, idx) = _router_call(block, router, hidden)
+    args, (logits, weights, idx) = _router_call(model, router)
     flat = logits.reshape(-1, logits.shape[-1])
     extra = args[1:] if adapter.router_args else ()
     w, i = adapter.select(router, flat, torch.zeros_like(flat, dtype=torch.float32), *extra)

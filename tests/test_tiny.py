@@ -8,14 +8,20 @@ layers barely count. With tiny.init_decisive, 0-7% stay the same (chance is 1/12
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig
 
 import tiny
 from roe.adapters import _decoder_layers
+from roe.roster import _auto_model_class
 
 ALL_ARCHS = [*tiny.ARCHS, *tiny.SLIDING]
 MOST_UNCHANGED = 0.2  # measured: at most 0.07 with init_decisive, at least 0.27 with the default init but flex_olmo's
 LEAST_LOGIT_STD = 2.0  # measured: about 3 with init_decisive, about 0.11 with the default init
+
+
+def _load(path):
+    """As RoE loads it: a causal LM, or a multimodal model (qwen3_vl_moe) or mistral4 through its own auto class."""
+    return _auto_model_class(AutoConfig.from_pretrained(path)).from_pretrained(path).eval()
 
 
 def random_prompts(count: int = 4, length: int = 24) -> torch.Tensor:
@@ -24,7 +30,7 @@ def random_prompts(count: int = 4, length: int = 24) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_removing_the_decoder_layers_changes_most_greedy_choices(tiny_path, arch):
-    model = AutoModelForCausalLM.from_pretrained(tiny_path(arch)).eval()  # as the tests load it
+    model = _load(tiny_path(arch))  # as the tests load it
     ids = random_prompts()
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits
@@ -40,7 +46,7 @@ def test_removing_the_decoder_layers_changes_most_greedy_choices(tiny_path, arch
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_saved_checkpoint_keeps_every_random_weight(tiny_path, arch):
     # buffers too: deepseek_v3's e_score_correction_bias is one, and transformers' own init would zero it
-    saved = AutoModelForCausalLM.from_pretrained(tiny_path(arch)).state_dict()
+    saved = _load(tiny_path(arch)).state_dict()
     built = tiny.tiny_model(arch).state_dict()
     assert saved.keys() == built.keys()
     for name, tensor in built.items():

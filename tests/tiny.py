@@ -6,7 +6,7 @@ import string
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -71,6 +71,75 @@ ARCHS = {
     "longcat_flash": dict(num_hidden_layers=8, n_routed_experts=8, zero_expert_num=2, moe_topk=2,
                           expert_ffn_hidden_size=16, routed_scaling_factor=2.0, q_lora_rank=16, kv_lora_rank=16,
                           qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4, num_key_value_heads=4),
+    # --- arch-d: sigmoid routers, group-limited softmax, multimodal checkpoints (a "text_config" entry: the tiny
+    # language model goes there, the vision tower gets VISION[type]); sliding windows of 4 and dense first layers
+    "mellum": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention"] * 2, mlp_layer_types=["dense"] + ["sparse"] * 3),
+    "aria_text": dict(moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=8),
+    "flint": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                  head_dim=8, sliding_window=4, mlp_only_layers=[0], decoder_sparse_step=1),  # sinks, NoPE full layers
+    "laguna": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                   head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                   num_attention_heads_per_layer=[4, 2, 4, 2], moe_router_logit_softcapping=3.0,
+                   moe_routed_scaling_factor=1.5),
+    "hy_v3": dict(num_experts=8, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16, head_dim=8,
+                  mlp_layer_types=["dense"] + ["sparse"] * 3),
+    "beam": dict(num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16, head_dim=8,
+                 sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                 mlp_layer_types=["dense"] + ["sparse"] * 3),  # NoPE full layers with a scaled query, gated attention
+    "mistral4": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                     moe_intermediate_size=16, n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16,
+                     qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4,
+                     routed_scaling_factor=1.5,  # a query scale that grows past position 4 (llama_4_scaling_beta)
+                     rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=32.0,
+                                          original_max_position_embeddings=4, max_position_embeddings=128,
+                                          beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
+                                          llama_4_scaling_beta=0.1)),
+    "qwen3_vl_moe": dict(text_config=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                                          decoder_sparse_step=1, mlp_only_layers=[],
+                                          rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                               mrope_section=[2, 1, 1], mrope_interleaved=True))),
+    "glm4v_moe": dict(text_config=dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                       first_k_dense_replace=1, moe_intermediate_size=16, n_shared_experts=1,
+                                       head_dim=16,  # half of it rotary, in three mrope sections
+                                       rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                            partial_rotary_factor=0.5, mrope_section=[2, 1, 1]))),
+    "ernie4_5_vl_moe": dict(text_config=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=[16, 16],
+                                             moe_num_shared_experts=1, head_dim=8,
+                                             rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                  mrope_section=[1, 1, 2]))),
+    # Gemma 4's MoE variant: router and experts beside the dense MLP of every layer; per-layer inputs, a wider
+    # head on full layers whose values are their keys (attention_k_eq_v), windows of 4
+    "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16, head_dim=8,
+                        global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+                        vocab_size_per_layer_input=128, num_kv_shared_layers=0),
+    "muse_spark": dict(text_config=dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        moe_hidden_size=16, head_dim=8, sliding_window=4, routed_scaling_factor=1.5,
+                                        output_multiplier=1.0,  # (router and output logits) decisive, not flat
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        mlp_layer_types=["dense"] + ["sparse"] * 3),
+                       audio_config=dict(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_hidden_size=32),
+                       out_hidden_size=32, projector_hidden_size=16),
+    "deepseek_ocr2": dict(text_config=dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                           topk_method="group_limited_greedy", moe_intermediate_size=16,
+                                           n_shared_experts=1, routed_scaling_factor=1.5, head_dim=8,
+                                           mlp_layer_types=["dense"] + ["sparse"] * 3)),
+}
+
+# the tiny vision towers of the multimodal entries above (never run: RoE's prompts are text)
+VISION = {
+    "qwen3_vl_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+                         num_position_embeddings=16, deepstack_visual_indexes=[0]),
+    "glm4v_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+    "ernie4_5_vl_moe": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2),
+    "deepseek_ocr2": dict(sam_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2,
+                                          image_size=64, window_size=2, global_attn_indexes=[0],
+                                          downsample_channels=[16, 32]),
+                          encoder_config=dict(hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=8)),
+    "muse_spark": dict(num_hidden_layers=1, hidden_size=16, intermediate_size=16, num_attention_heads=2,
+                       pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16),
 }
 
 # sliding-window variants of the architectures that have one: name -> (model_type, config overrides).
@@ -95,10 +164,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_config(arch: str):
     model_type, overrides = SLIDING.get(arch, (arch, {}))
-    cfg = AutoConfig.for_model(model_type, **{**COMMON, **ARCHS[model_type], **overrides})
-    return init_decisive(AutoModelForCausalLM.from_config(cfg), seed)  # every random weight comes from seed
+    fields = {**ARCHS[model_type], **overrides}
+    if "text_config" in fields:  # a multimodal checkpoint: the tiny language model is its text_config
+        text = {**COMMON, **fields.pop("text_config")}
+        tokens = {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        return AutoConfig.for_model(model_type, text_config=text, vision_config=VISION[model_type],
+                                    tie_word_embeddings=False, **tokens, **fields)
+    return AutoConfig.for_model(model_type, **{**COMMON, **fields})
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from roe.roster import _auto_model_class  # the class RoE loads it with (a multimodal model, mistral4)
+
+    cfg = tiny_config(arch)
+    return init_decisive(_auto_model_class(cfg).from_config(cfg), seed)  # every random weight comes from seed
 
 
 # below a layer's output (about unit scale): the residual stream is mostly the layers' work, so removing them
@@ -128,24 +209,35 @@ def init_decisive(model, seed: int):
     def normal_(tensor, std):
         tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
 
-    hidden = model.config.hidden_size
+    hidden = model.config.get_text_config(decoder=True).hidden_size  # a multimodal model: its language model's
     for name, module in model.named_modules():
         # expert weights: [E, out, in], or [E, in, out] where the experts class says is_transposed (gpt_oss)
         fan_in_dim = 1 if getattr(module, "is_transposed", False) else -1
         for pname, p in module.named_parameters(prefix=name, recurse=False):
-            if pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
+            if pname.endswith("router.proj.weight"):  # Gemma 4: its input is scaled to unit norm (1/sqrt(hidden))
+                normal_(p, ROUTER_LOGIT_STD)
+            elif pname.endswith("per_expert_scale"):  # Gemma 4's weight scale per expert: not all one
+                normal_(p, 0.3)
+                p.add_(1.0)
+            elif pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
                 normal_(p, ROUTER_LOGIT_STD / p.shape[-1] ** 0.5)
-            elif pname in ("model.embed_tokens.weight", "transformer.wte.weight"):  # transformer.wte: DBRX
-                normal_(p, EMBED_STD)
+            elif pname.endswith("embed_tokens.weight") or pname == "transformer.wte.weight":  # transformer.wte: DBRX
+                # model. or model.language_model.; Gemma's embedding multiplies its output by sqrt(hidden): the
+                # residual stream starts at EMBED_STD
+                normal_(p, EMBED_STD / float(getattr(module, "scalar_embed_scale", 1.0)))
             elif pname == "lm_head.weight":  # the final norm gives unit-scale hidden states
                 normal_(p, LOGIT_STD / hidden ** 0.5)
             elif p.dim() >= 2:
                 normal_(p, p.shape[fan_in_dim] ** -0.5)
             elif pname.endswith(("bias", "sinks")):  # next to unit-scale activations (sinks: attention scores)
                 # the correction biases shift router probabilities or sigmoid scores (ernie's moe_statics, afmoe's
-            # expert_bias here)
+                # expert_bias here)
                 normal_(p, 0.1 if "correction" in pname or pname.endswith("expert_bias") else 0.5)
-            # else a norm weight: stays 1
+            elif p.numel() > 1 and not torch.all(p == p.reshape(-1)[0]):
+                # a vector transformers drew at random (MuseSpark's residual gates, DeepSeek-OCR-2's view separator):
+                # drawn again from the seed, or the checkpoint would not be a function of it
+                normal_(p, 0.5)
+            # else a norm weight: stays constant (1, or 0 where the norm adds 1)
         for bname, b in module.named_buffers(prefix=name, recurse=False):
             if bname.endswith("e_score_correction_bias"):  # deepseek_v3, glm4_moe, dots1: added to sigmoid scores
                 normal_(b, 0.1)

@@ -294,6 +294,9 @@ def clean_cache_attention(
     """
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("RoE's clean-cache attention does not support attention logit soft-capping")
+    if getattr(module, "is_kv_shared_layer", False):  # Gemma 4's num_kv_shared_layers: no cache of its own
+        raise NotImplementedError("RoE's clean cache does not hold layers that reuse another layer's keys/values "
+                                  "(num_kv_shared_layers > 0): use cache='full'")
     step = _CLEAN.get()
     layer = module.layer_idx
     k = step.cache_rows_per_prompt(layer)

@@ -359,3 +359,128 @@ def softmax_bias_scaled(router, logits: torch.Tensor, noise: torch.Tensor):
     choice = F.softmax(logits + noise, dim=-1) + router.e_score_correction_bias.float()
     idx = torch.topk(choice, router.top_k, dim=-1).indices
     return probs.gather(-1, idx) * router.routed_scaling_factor, idx
+
+
+# --- arch-d: sigmoid top-k (Flint, Laguna, HY-V3), Beam's unscaled DeepSeek-V3 router, Mistral-4's grouped softmax ---
+
+
+def sigmoid_topk(logits: torch.Tensor, noise: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+                 normalize: bool = True, eps: float = 0.0, scale: float = 1.0):
+    """Sigmoid scores, top-k of the scores (plus an expert bias where the model adds one), no groups; weights are
+    the chosen experts' clean sigmoid scores, renormalised where the model does (sum + eps), times `scale`.
+
+    The ranked quantity sigmoid(R) + bias is perturbed through its logit pre-image R: the noise goes on R
+    before the sigmoid and the bias applies to the perturbed scores, as in sigmoid_grouped. The sigmoid is
+    monotone, so without a bias the choice is exactly Gumbel-top-k of R / tau.
+    """
+    logits = logits.float()
+    scores = logits.sigmoid()
+    choice = (logits + noise).sigmoid()
+    if bias is not None:
+        choice = choice + bias.float()
+    idx = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(-1, idx)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    return weights * scale, idx
+
+
+def flint_sigmoid_topk(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Flint: sigmoid scores without an expert bias, renormalised where norm_topk_prob."""
+    return sigmoid_topk(logits, noise, router.top_k, normalize=router.norm_topk_prob)
+
+
+def laguna_sigmoid_topk(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Laguna (and Mellum's parent): the router's own correction bias, always renormalised. Its logits R are the
+    tanh-softcapped ones where the model softcaps (the router returns those), so the noise goes after the cap."""
+    return sigmoid_topk(logits, noise, router.top_k, bias=router.e_score_correction_bias)
+
+
+def hy_v3_sigmoid_topk(router, logits: torch.Tensor, noise: torch.Tensor, bias: torch.Tensor):
+    """HY-V3: the MoE block hands its router the correction bias; renormalised (+1e-20), times router_scaling_factor."""
+    return sigmoid_topk(logits, noise, router.top_k, bias=bias, eps=1e-20, scale=router.router_scaling_factor)
+
+
+class _Override:
+    """A router seen with some attributes replaced (everything else read through from the router)."""
+
+    def __init__(self, router, **overrides):
+        self._router, self._overrides = router, overrides
+
+    def __getattr__(self, name):
+        return self._overrides[name] if name in self._overrides else getattr(self._router, name)
+
+
+def sigmoid_grouped_unscaled(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Beam: DeepSeek-V3's router, whose routed_scaling_factor the MoE block applies after the experts instead
+    (the router has none): sigmoid_grouped with a scale of 1."""
+    return sigmoid_grouped(_Override(router, routed_scaling_factor=1.0), logits, noise)
+
+
+def softmax_grouped(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Mistral-4: softmax probabilities, group-limited top-k (a group scores the sum of its two best
+    probabilities, experts outside the topk_group best groups are set to 0), weights renormalised (+1e-20)
+    where norm_topk_prob, times routed_scaling_factor.
+
+    The ranked quantity softmax(R) orders like R, so the noise goes on R: the group limit and the top-k
+    apply to softmax(R + tau * G); the weights are the clean probabilities of the chosen experts.
+    """
+    logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    choice = F.softmax(logits + noise, dim=-1)
+    T, E = choice.shape
+    groups = router.num_group
+    group_scores = choice.view(T, groups, E // groups).topk(min(2, E // groups), dim=-1).values.sum(dim=-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(E // groups, dim=1), 0.0)  # the model's fill: 0, not -inf
+    idx = choice.topk(router.top_k, dim=-1).indices
+    weights = probs.gather(-1, idx)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, idx
+
+
+def muse_spark_sigmoid_topk(router, logits: torch.Tensor, noise: torch.Tensor):
+    """MuseSpark: the router's logits (already times output_multiplier, as it returns them), its own correction
+    bias, renormalised (+norm_topk_prob_eps), times routed_scaling_factor."""
+    return sigmoid_topk(logits, noise, router.top_k, bias=router.e_score_correction_bias,
+                        eps=router.norm_topk_prob_eps, scale=router.routed_scaling_factor)
+
+
+def gemma4_probs_topk(router, probs: torch.Tensor, noise: torch.Tensor):
+    """Gemma 4: its router returns softmax probabilities p, not logits; top-k of p, renormalised, each weight
+    times its expert's per_expert_scale.
+
+    The ranked quantity p has the logit pre-image log p = R - logsumexp(R), R shifted by one constant per
+    token, so top-k of log p + tau * G is exactly Gumbel-top-k of R / tau.
+    """
+    probs = probs.float()
+    idx = torch.topk(probs.log() + noise, router.config.top_k_experts, dim=-1).indices
+    weights = probs.gather(-1, idx)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * router.per_expert_scale[idx].float(), idx
+
+
+def softmax_topk_v2(router, logits: torch.Tensor, noise: torch.Tensor):
+    """DeepSeek-V2's router as DeepSeek-OCR-2 keeps it: softmax probabilities, top-k ("greedy"), or top-k within
+    the topk_group groups of highest maximum probability ("group_limited_greedy", the others set to 0); the
+    chosen probabilities, not renormalised, times routed_scaling_factor.
+
+    softmax(R) orders like R, so the noise goes on R: the group limit and the top-k apply to softmax(R + tau*G);
+    the weights are the clean probabilities (0 where the model's mask would zero a chosen expert).
+    """
+    logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    choice = F.softmax(logits + noise, dim=-1)
+    keep = torch.ones_like(choice, dtype=torch.bool)
+    if router.topk_method == "group_limited_greedy":
+        T, E = choice.shape
+        group_scores = choice.view(T, router.num_group, E // router.num_group).max(dim=-1).values
+        groups = torch.zeros_like(group_scores, dtype=torch.bool)
+        groups.scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, True)
+        keep = groups.repeat_interleave(E // router.num_group, dim=1)
+        choice = choice.masked_fill(~keep, 0.0)
+    idx = choice.topk(router.top_k, dim=-1).indices
+    weights = probs.gather(-1, idx) * keep.gather(-1, idx)
+    return weights * router.routed_scaling_factor, idx
