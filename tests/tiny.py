@@ -37,6 +37,17 @@ ARCHS = {
                          moe_num_shared_experts=0, head_dim=8),
 }
 
+# hybrid MoEs: recurrent or convolution layers beside attention (the clean cache's states: src/roe/state.py).
+# Layer 0 is recurrent, so the shared leading layers (skip_layers=1) include a state; later ones are noisy.
+HYBRID_LAYERS = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+HYBRIDS = ["qwen3_next"]  # the ARCHS entries below; tests/test_hybrid.py checks each against a reference
+ARCHS.update({
+    "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                       shared_expert_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[],
+                       layer_types=HYBRID_LAYERS, linear_num_value_heads=4, linear_num_key_heads=2,
+                       linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4),
+})
+
 # sliding-window variants of the architectures that have one: name -> (model_type, config overrides).
 # The window (4) is shorter than the test prompts plus their generations, so it changes the outputs.
 SLIDING = {
@@ -97,7 +108,9 @@ def init_decisive(model, seed: int):
         # expert weights: [E, out, in], or [E, in, out] where the experts class says is_transposed (gpt_oss)
         fan_in_dim = 1 if getattr(module, "is_transposed", False) else -1
         for pname, p in module.named_parameters(prefix=name, recurse=False):
-            if pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
+            if pname.endswith("A_log"):  # state decay rates (GDN, Mamba): transformers draws them unseeded
+                p.copy_(torch.rand(p.shape, generator=generator) * 2.5 - 1.0)  # A = exp(A_log) in [0.37, 4.5]
+            elif pname.endswith(ROUTER_SUFFIXES):  # the router's input is normalised: unit scale
                 normal_(p, ROUTER_LOGIT_STD / p.shape[-1] ** 0.5)
             elif pname == "model.embed_tokens.weight":
                 normal_(p, EMBED_STD)

@@ -67,6 +67,9 @@ register("glm4_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
 
+# hybrid MoEs (recurrent / convolution layers beside attention; their states: state.py)
+register("qwen3_next", RouterAdapter("mlp", "gate", _norm_flag))
+
 
 def supported_architectures() -> list[str]:
     """transformers `model_type` names that RoE can wrap."""

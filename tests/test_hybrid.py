@@ -1,0 +1,141 @@
+"""Hybrid MoEs (recurrent / convolution layers beside attention): the clean cache's states (src/roe/state.py)
+against an independent reference that has no cache at all."""
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+from roe import RoEConfig, RosterOfExperts
+from roe.adapters import ACTIVE, RoutingNoise
+from roe.engine import aggregate
+from roe.routing import python_gumbel
+from tiny import HYBRIDS, save_tiny
+
+K, TAU, SEED, STEPS = 4, 0.8, 5, 6
+PROMPTS = ["The cat sat", "2+2=4; 3+3"]  # different lengths: left padding in the batch
+
+
+@lru_cache(maxsize=None)
+def _gumbel(position: int, sample: int, layer: int, experts: int) -> torch.Tensor:
+    return torch.tensor([python_gumbel(SEED, position, sample, layer, e) for e in range(experts)])
+
+
+def _noise(roster, n: int, noisy_positions) -> list:
+    """noise[k][m]: tau * Gumbel [n, E] of sample k at MoE layer m, from the plain-Python reference hash, zero
+    outside `noisy_positions` (None: a clean layer or the clean sample)."""
+    E = max(roster.num_experts)
+    out = []
+    for k in range(K):
+        layers = []
+        for m, tau in enumerate(roster.taus):
+            if k == 0 or tau == 0:
+                layers.append(None)
+                continue
+            g = torch.zeros(n, E)
+            for p in noisy_positions:
+                g[p] = _gumbel(p, k, m, E)
+            layers.append(g[:, : roster.num_experts[m]] * tau)
+        out.append(layers)
+    return out
+
+
+def reference_next_logprobs(roster, tokens: list[int], cache: str) -> torch.Tensor:
+    """Next-token log-probs after `tokens`: for each sample, one forward of the whole prefix with no cache.
+
+    clean: only the last position is routed noisily (every earlier position is the clean model's history, in
+    every layer, recurrent state included); full: every position is routed with the sample's noise."""
+    n = len(tokens)
+    noisy = [n - 1] if cache == "clean" else range(n)
+    rows = torch.zeros(n, 1, dtype=torch.bool)
+    rows[list(noisy)] = True
+    logits = []
+    for per_layer in _noise(roster, n, noisy):
+        token = ACTIVE.set(RoutingNoise(per_layer, rows))
+        try:
+            with torch.no_grad():
+                logits.append(roster.model(torch.tensor([tokens])).logits[0, -1])
+        finally:
+            ACTIVE.reset(token)
+    return aggregate(torch.stack(logits)[None], roster.config.aggregate)[0]
+
+
+@pytest.mark.parametrize("cache", ["clean", "full"])
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_hybrid_engine_matches_a_cacheless_reference(arch, cache, tiny_path):
+    """Generation (batched, left-padded, decode steps) and teacher-forced scoring (chunks of K rows) against
+    full-prefix forwards. skip_layers=1: the first (recurrent) layer is shared by the K samples."""
+    roster = RosterOfExperts.from_pretrained(
+        tiny_path(arch), roe=RoEConfig(num_samples=K, tau=TAU, skip_layers=1, cache=cache, seed=SEED))
+    roster.eos_token_ids = set()
+    got = roster.generate_completions(PROMPTS, max_new_tokens=STEPS)
+    for prompt, completion in zip(PROMPTS, got):
+        tokens = roster.tokenizer(prompt).input_ids
+        steps = []
+        for _ in range(STEPS):
+            steps.append(reference_next_logprobs(roster, tokens, cache))
+            tokens = tokens + [int(steps[-1].argmax())]
+        assert completion.token_ids == tokens[-STEPS:]
+        ctx = roster.tokenizer(prompt).input_ids
+        (scored,) = roster.token_logprobs([(ctx, completion.token_ids)])
+        expected = torch.stack([s[t] for s, t in zip(steps, completion.token_ids)])
+        torch.testing.assert_close(scored, expected, atol=1e-4, rtol=1e-4)
+    # the noise is on: the noisy samples change the prediction
+    tau0 = roster.with_config(tau=0.0).generate_completions(PROMPTS, max_new_tokens=STEPS)
+    ctx = roster.tokenizer(PROMPTS[0]).input_ids
+    assert (roster.token_logprobs([(ctx, got[0].token_ids)])[0]
+            - roster.with_config(tau=0.0).token_logprobs([(ctx, got[0].token_ids)])[0]).abs().max() > 1e-3
+    del tau0
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_all_experts_chosen_gives_the_models_own_tokens(arch, tmp_path):
+    """top_k = E: the noisy choice is the clean one whatever the noise, so RoE's noisy path (tau 5, K 4) gives the
+    model's own greedy tokens and scores, both caches."""
+    import tiny
+
+    overrides = dict(tiny.ARCHS[arch], num_experts_per_tok=8)
+    saved = tiny.ARCHS[arch]
+    tiny.ARCHS[arch] = overrides
+    try:
+        path = save_tiny(arch, tmp_path / arch)
+    finally:
+        tiny.ARCHS[arch] = saved
+    base = RosterOfExperts.from_pretrained(path, roe=RoEConfig(num_samples=1, tau=0.0))
+    model, tok = base.model, base.tokenizer
+    want = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        out = model.generate(ids, do_sample=False, max_new_tokens=STEPS, pad_token_id=tok.pad_token_id,
+                             eos_token_id=None)
+        want.append(out[0, ids.shape[1]:].tolist())
+    for cache in ("clean", "full"):
+        roster = base.with_config(num_samples=K, tau=5.0, skip_layers=0, cache=cache)
+        roster.eos_token_ids = set()
+        run = roster.new_pass([0], record_experts=True)
+        ids = tok(PROMPTS[0]).input_ids
+        run.prefill(torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.bool))
+        run.forward(torch.tensor([ids[-1:]]))
+        assert all(c is not None and c.shape == (K, 8) for c in run.chosen[-1])  # the noisy path ran
+        assert [c.token_ids for c in roster.generate_completions(PROMPTS, max_new_tokens=STEPS)] == want, cache
+        assert roster.score(["The cat"], [" sat on"]) == pytest.approx(base.score(["The cat"], [" sat on"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_stored_state_does_not_grow_with_k(arch, tiny_path):
+    """The clean cache stores one state per prompt (keys/values plus recurrent and convolution states) for any K;
+    the full cache one per sample from the first noisy layer on."""
+    roster = RosterOfExperts.from_pretrained(tiny_path(arch), roe=RoEConfig(tau=0.5, skip_layers=0))
+    ids = torch.tensor([roster.tokenizer("hello there").input_ids])
+    sizes = {}
+    for cache in ("clean", "full"):
+        for k in (1, 8):
+            run = roster.with_config(num_samples=k, cache=cache).new_pass([0])
+            run.prefill(ids[:, :-1], torch.ones_like(ids[:, :-1], dtype=torch.bool))
+            for _ in range(3):
+                run.forward(ids[:, -1:])
+            sizes[cache, k] = run.kv_cache_bytes()
+            if cache == "clean":
+                assert run.cache.live and run.cache.state_bytes() > 0
+    assert sizes["clean", 8] == sizes["clean", 1] > 0
+    assert sizes["full", 8] == 8 * sizes["full", 1]  # skip_layers=0: every layer has K histories
