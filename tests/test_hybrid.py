@@ -41,23 +41,30 @@ def _noise(roster, n: int, noisy_positions) -> list:
 
 
 def reference_next_logprobs(roster, tokens: list[int], cache: str) -> torch.Tensor:
-    """Next-token log-probs after `tokens`: for each sample, one forward of the whole prefix with no cache.
+    """Next-token log-probs after `tokens`: one forward of the whole prefix per sample, with no cache (the K
+    samples as K independent rows of one plain forward, each with its own noise).
 
     clean: only the last position is routed noisily (every earlier position is the clean model's history, in
     every layer, recurrent state included); full: every position is routed with the sample's noise."""
     n = len(tokens)
-    noisy = [n - 1] if cache == "clean" else range(n)
-    rows = torch.zeros(n, 1, dtype=torch.bool)
-    rows[list(noisy)] = True
-    logits = []
-    for per_layer in _noise(roster, n, noisy):
-        token = ACTIVE.set(RoutingNoise(per_layer, rows))
-        try:
-            with torch.no_grad():
-                logits.append(roster.model(torch.tensor([tokens])).logits[0, -1])
-        finally:
-            ACTIVE.reset(token)
-    return aggregate(torch.stack(logits)[None], roster.config.aggregate)[0]
+    noisy = [n - 1] if cache == "clean" else list(range(n))
+    per_sample = _noise(roster, n, noisy)  # [K][L] of [n, E] or None
+    per_layer = []
+    for m in range(len(roster.taus)):
+        if per_sample[-1][m] is None:
+            per_layer.append(None)
+        else:
+            zeros = torch.zeros_like(per_sample[-1][m])
+            per_layer.append(torch.cat([zeros if s[m] is None else s[m] for s in per_sample]))  # [K*n, E]
+    rows = torch.zeros(K, n, 1, dtype=torch.bool)
+    rows[1:, noisy] = True
+    token = ACTIVE.set(RoutingNoise(per_layer, rows.reshape(K * n, 1)))
+    try:
+        with torch.no_grad():
+            logits = roster.model(torch.tensor([tokens] * K)).logits[:, -1]  # [K, V]
+    finally:
+        ACTIVE.reset(token)
+    return aggregate(logits[None], roster.config.aggregate)[0]
 
 
 @pytest.mark.parametrize("cache", ["clean", "full"])

@@ -40,12 +40,31 @@ ARCHS = {
 # hybrid MoEs: recurrent or convolution layers beside attention (the clean cache's states: src/roe/state.py).
 # Layer 0 is recurrent, so the shared leading layers (skip_layers=1) include a state; later ones are noisy.
 HYBRID_LAYERS = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
-HYBRIDS = ["qwen3_next"]  # the ARCHS entries below; tests/test_hybrid.py checks each against a reference
+HYBRIDS = ["qwen3_next", "qwen3_5_moe_text", "jamba", "granitemoehybrid", "lfm2_moe", "kimi_linear", "minimax"]  # the ARCHS entries below; tests/test_hybrid.py checks each against a reference
 ARCHS.update({
     "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
                        shared_expert_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[],
                        layer_types=HYBRID_LAYERS, linear_num_value_heads=4, linear_num_key_heads=2,
                        linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    "qwen3_5_moe_text": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                             shared_expert_intermediate_size=16, layer_types=HYBRID_LAYERS,
+                             linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    "jamba": dict(num_experts=8, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
+                  attn_layer_period=4, attn_layer_offset=2, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2,
+                  mamba_dt_rank=4, use_mamba_kernels=False),
+    "granitemoehybrid": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=16,
+                             layer_types=HYBRID_LAYERS, mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
+                             mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8),
+    "lfm2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_dense_layers=0,
+                     layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3),
+    "kimi_linear": dict(num_local_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16,
+                        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4, layer_types=HYBRID_LAYERS,
+                        mlp_layer_types=["sparse"] * 4, linear_head_dim=8, linear_num_heads=4,
+                        linear_conv_kernel_dim=4),
+    "minimax": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, block_size=4,
+                    layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"]),
 })
 
 # sliding-window variants of the architectures that have one: name -> (model_type, config overrides).
@@ -123,7 +142,8 @@ def init_decisive(model, seed: int):
                 normal_(p, 0.1 if "correction" in pname else 0.5)
             # else a norm weight: stays 1
         for bname, b in module.named_buffers(prefix=name, recurse=False):
-            if bname.endswith("e_score_correction_bias"):  # deepseek_v3, glm4_moe, dots1: added to sigmoid scores
+            if bname.endswith(("e_score_correction_bias", "expert_bias")):  # deepseek_v3, glm4_moe, dots1, lfm2_moe:
+                # added to sigmoid scores
                 normal_(b, 0.1)
     return model.eval()
 

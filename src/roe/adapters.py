@@ -69,6 +69,12 @@ register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk)
 
 # hybrid MoEs (recurrent / convolution layers beside attention; their states: state.py)
 register("qwen3_next", RouterAdapter("mlp", "gate", _norm_flag))
+register("qwen3_5_moe_text", RouterAdapter("mlp", "gate", _always_norm))
+register("jamba", RouterAdapter("feed_forward", "router", _never_norm))
+register("granitemoehybrid", RouterAdapter("block_sparse_moe", "router", routing.topk_softmax))
+register("lfm2_moe", RouterAdapter("feed_forward", "gate", routing.sigmoid_expert_bias))
+register("kimi_linear", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("minimax", RouterAdapter("mlp", "gate", _always_norm))
 
 
 def supported_architectures() -> list[str]:
@@ -188,7 +194,8 @@ def _router_hook(layer: int, select: Callable, router: nn.Module, args, output):
     logits, weights, idx = output[::-1] if index_first else output
     if layer in state.noisy:
         flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
-        noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device))
+        # the router's further inputs, if any, go along (LFM2-MoE hands its router the expert bias)
+        noisy_w, noisy_idx = select(router, flat, state.noise_for(layer, flat.shape[-1]).to(flat.device), *args[1:])
         rows = state.noisy_rows.to(flat.device)
         weights = torch.where(rows, noisy_w.to(weights.dtype), weights)
         idx = torch.where(rows, noisy_idx.to(idx.dtype), idx)
