@@ -146,3 +146,42 @@ def test_stored_state_does_not_grow_with_k(arch, tiny_path):
                 assert run.cache.live and run.cache.state_bytes() > 0
     assert sizes["clean", 8] == sizes["clean", 1] > 0
     assert sizes["full", 8] == 8 * sizes["full", 1]  # skip_layers=0: every layer has K histories
+
+
+@pytest.mark.parametrize("first", ["full_attention", "linear_attention"])
+def test_minimax_layouts_against_the_full_forward(first, tmp_path):
+    """MiniMax's cached decode against its own full forward, per layout. transformers 5.24 infers a decode step's
+    position from the cache's layer 0: with a linear-attention layer 0 that layer holds no keys, the position is
+    taken as 0 and its own decode (no position_ids, as `generate` runs it) is off by ~5 in the logits; with a
+    full-attention layer 0 it is right. Given explicit positions (as RoE always passes them) both layouts agree,
+    and so does RoE's clean cache at tau = 0. (The tiny checkpoint of tests/tiny.py starts with full attention,
+    so test_equivalence's comparison with `generate` holds.)"""
+    import tiny
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    saved = tiny.ARCHS["minimax"]
+    tiny.ARCHS["minimax"] = dict(saved, layer_types=[first, "linear_attention", "full_attention", "linear_attention"])
+    try:
+        path = save_tiny("minimax", tmp_path / "minimax")
+    finally:
+        tiny.ARCHS["minimax"] = saved
+    roster = RosterOfExperts.from_pretrained(path, roe=RoEConfig(num_samples=K, tau=0.0))
+    model = roster.model
+    ids = torch.tensor([roster.tokenizer("The cat sat").input_ids])
+    n = ids.shape[1]
+
+    def own_decode(**position):
+        cache = MiniMaxCache()
+        with torch.no_grad():
+            model(ids[:, :-1], cache=cache, use_cache=True)
+            return model(ids[:, -1:], cache=cache, use_cache=True, **position).logits[0, -1]
+
+    with torch.no_grad():
+        full = model(ids).logits[0, -1]
+    torch.testing.assert_close(own_decode(position_ids=torch.tensor([[n - 1]])), full, atol=1e-4, rtol=1e-4)
+    if first == "full_attention":
+        torch.testing.assert_close(own_decode(), full, atol=1e-4, rtol=1e-4)
+    for cache in ("clean", "full"):
+        run = roster.with_config(cache=cache).new_pass([0])
+        run.prefill(ids[:, :-1], torch.ones_like(ids[:, :-1], dtype=torch.bool))
+        torch.testing.assert_close(run.forward(ids[:, -1:])[0, 0, -1], full, atol=1e-4, rtol=1e-4)

@@ -42,7 +42,8 @@ from transformers import AttentionInterface, DynamicCache
 from . import experts as expert_dispatch
 from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, cache_argument, find_moe_layers
 from .routing import gumbel_noise
-from .state import RecurrentStates, has_recurrent_state, state_bytes, steps_one_position_at_a_time
+from .state import (RecurrentStates, has_recurrent_state, own_cache_class, state_bytes,
+                    steps_one_position_at_a_time)
 
 CLEAN_ATTENTION = "roe_clean"
 CAPACITY_STEP = 128  # cache capacities are multiples of this, so one compiled step serves many prompt lengths
@@ -202,6 +203,21 @@ class CleanCache(RecurrentStates):
         """Bytes of the slots written so far (the buffers hold `capacity` slots)."""
         return sum(t[..., : self.length, :].numel() * t.element_size() for s in (self.keys, self.values)
                    for t in s.values()) + self.state_bytes()
+
+
+_CLEAN_CLASSES: dict[type, type] = {}
+
+
+def clean_cache(own: type | None, capacity: int, static_addresses: bool) -> CleanCache:
+    """A CleanCache; for a model that refuses any cache but its own class (MiniMax), one that is also of that
+    class (the clean cache's methods come first; transformers' mask helpers see no layers of it)."""
+    if own is None:
+        return CleanCache(capacity, static_addresses)
+    if own not in _CLEAN_CLASSES:
+        _CLEAN_CLASSES[own] = type(f"Clean{own.__name__}", (CleanCache, own), {})
+    cache = _CLEAN_CLASSES[own](capacity, static_addresses)
+    cache.layers = []
+    return cache
 
 
 def cache_bytes(cache) -> int:
@@ -396,6 +412,7 @@ class RoEPass:
         self.noisy = frozenset(m for m, t in enumerate(taus) if t > 0)
         self.windows = sliding_windows(model.config)
         self.recurrent = has_recurrent_state(model)  # hybrid: some layers keep a state (state.py)
+        own = own_cache_class(model) if self.recurrent else None  # a model that accepts only its own cache class
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
         self.compile = compile if self.clean and not record_experts else None
@@ -413,14 +430,16 @@ class RoEPass:
             # a compiled step (CUDA graphs: fixed addresses) serves passes of one shape that take turns with
             # one set of buffers, released when a pass is garbage
             pool = _buffer_pool(model, (B, self.capacity))
-            state = pool.pop() if pool else _DeviceState.new(B, self.capacity, self.device,
-                                                             static=self.device.type == "cuda")
+            static = self.device.type == "cuda"
+            state = pool.pop() if pool else _DeviceState.new(B, self.capacity, self.device, static=static,
+                                                             cache=clean_cache(own, self.capacity, static))
             state.reset()
             self._finalizer = weakref.finalize(self, pool.append, state)
         elif self.clean:
-            state = _DeviceState.new(B, self.capacity, self.device, static=False)
+            state = _DeviceState.new(B, self.capacity, self.device, static=False,
+                                     cache=clean_cache(own, self.capacity, False))
         else:
-            state = _DeviceState.new(B, self.capacity, self.device, static=False, cache=DynamicCache(config=model.config))
+            state = _DeviceState.new(B, self.capacity, self.device, static=False, cache=own() if own else DynamicCache(config=model.config))
         # per-pass state on the device, advanced in place by every step
         self.cache = state.cache
         self.valid = state.valid  # [B, capacity] bool: slots that hold real tokens

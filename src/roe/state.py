@@ -23,6 +23,8 @@ layers) is handed the stored buffer itself and may take any chunk.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 # layer types (config.layer_types / layers_block_type) that keep a recurrent or convolution state
@@ -48,6 +50,20 @@ def has_recurrent_state(model) -> bool:
         if types and any(t in RECURRENT_TYPES for t in types):
             return True
     return False
+
+
+def own_cache_class(model) -> type | None:
+    """The cache class a model's own module defines (MiniMax's MiniMaxCache, which its forward insists on), or None.
+
+    A DynamicCache subclass defined in the modeling module itself; models that use transformers' caches have none.
+    """
+    from transformers import DynamicCache
+
+    module = sys.modules.get(type(model).__module__)
+    for obj in vars(module).values() if module else ():
+        if isinstance(obj, type) and issubclass(obj, DynamicCache) and obj.__module__ == module.__name__:
+            return obj
+    return None
 
 
 def state_bytes(cache) -> int:
