@@ -42,7 +42,7 @@ from transformers import AttentionInterface, DynamicCache
 from . import experts as expert_dispatch
 from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, cache_argument, find_moe_layers
 from .routing import gumbel_noise
-from .state import (RecurrentStates, has_recurrent_state, own_cache_class, state_bytes,
+from .state import (RecurrentStates, check_clean_support, has_recurrent_state, own_cache_class, state_bytes,
                     steps_one_position_at_a_time)
 
 CLEAN_ATTENTION = "roe_clean"
@@ -413,6 +413,8 @@ class RoEPass:
         self.windows = sliding_windows(model.config)
         self.recurrent = has_recurrent_state(model)  # hybrid: some layers keep a state (state.py)
         own = own_cache_class(model) if self.recurrent else None  # a model that accepts only its own cache class
+        if self.recurrent and self.clean:
+            check_clean_support(model)
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
         self.compile = compile if self.clean and not record_experts else None

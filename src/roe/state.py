@@ -52,6 +52,22 @@ def has_recurrent_state(model) -> bool:
     return False
 
 
+def check_clean_support(model) -> None:
+    """One line where the installed transformers' hybrid layers read their state another way than the clean
+    cache answers (before the per-layer recurrent-state API, `Cache.get_conv_state`: their code reaches into
+    `cache.layers[i].conv_states` directly)."""
+    from transformers import Cache
+
+    if own_cache_class(model) is None and not hasattr(Cache, "get_conv_state"):
+        from transformers import __version__
+
+        from .adapters import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"cache='clean' on the hybrid '{model.config.model_type}' needs transformers' per-layer recurrent-state "
+            f"API (Cache.get_conv_state; tested with 5.24), not {__version__}: upgrade, or use cache='full'")
+
+
 def own_cache_class(model) -> type | None:
     """The cache class a model's own module defines (MiniMax's MiniMaxCache, which its forward insists on), or None.
 
