@@ -188,3 +188,18 @@ def test_minimax_layouts_against_the_full_forward(first, tmp_path):
         run = roster.with_config(cache=cache).new_pass([0])
         run.prefill(ids[:, :-1], torch.ones_like(ids[:, :-1], dtype=torch.bool))
         torch.testing.assert_close(run.forward(ids[:, -1:])[0, 0, -1], full, atol=1e-4, rtol=1e-4)
+
+
+def test_clean_cache_on_a_hybrid_refuses_an_older_transformers_in_one_line(tiny_path, monkeypatch):
+    """Before Cache.get_conv_state (transformers 5.19 here in the vLLM venv), hybrid layers reach into
+    cache.layers[i] themselves: the clean cache cannot answer them, so it refuses instead of crashing deep inside."""
+    from transformers import Cache
+
+    from roe.adapters import UnsupportedModelError
+
+    roster = RosterOfExperts.from_pretrained(tiny_path("qwen3_next"), roe=RoEConfig(num_samples=2, tau=0.5))
+    monkeypatch.delattr(Cache, "get_conv_state")
+    with pytest.raises(UnsupportedModelError, match="Cache.get_conv_state") as e:
+        roster.new_pass([0])
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+    roster.with_config(cache="full").new_pass([0])  # the full cache uses the model's own caches
