@@ -142,6 +142,36 @@ VISION = {
                        pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16),
 }
 
+# hybrid MoEs: recurrent or convolution layers beside attention (the clean cache's states: src/roe/state.py).
+# Layer 0 is recurrent, so the shared leading layers (skip_layers=1) include a state; later ones are noisy.
+HYBRID_LAYERS = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+HYBRIDS = ["qwen3_next", "qwen3_5_moe_text", "jamba", "granitemoehybrid", "lfm2_moe", "kimi_linear", "minimax"]  # the ARCHS entries below; tests/test_hybrid.py checks each against a reference
+ARCHS.update({
+    "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                       shared_expert_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[],
+                       layer_types=HYBRID_LAYERS, linear_num_value_heads=4, linear_num_key_heads=2,
+                       linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    "qwen3_5_moe_text": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                             shared_expert_intermediate_size=16, layer_types=HYBRID_LAYERS,
+                             linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    "jamba": dict(num_experts=8, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
+                  attn_layer_period=4, attn_layer_offset=2, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2,
+                  mamba_dt_rank=4, use_mamba_kernels=False),
+    "granitemoehybrid": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=16,
+                             layer_types=HYBRID_LAYERS, mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
+                             mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8),
+    "lfm2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_dense_layers=0,
+                     layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3),
+    "kimi_linear": dict(num_local_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16,
+                        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4, layer_types=HYBRID_LAYERS,
+                        mlp_layer_types=["sparse"] * 4, linear_head_dim=8, linear_num_heads=4,
+                        linear_conv_kernel_dim=4),
+    "minimax": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, block_size=4,
+                    layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"]),
+})
+
 # sliding-window variants of the architectures that have one: name -> (model_type, config overrides).
 # The window (4) is shorter than the test prompts plus their generations, so it changes the outputs.
 SLIDING = {
@@ -214,7 +244,9 @@ def init_decisive(model, seed: int):
         # expert weights: [E, out, in], or [E, in, out] where the experts class says is_transposed (gpt_oss)
         fan_in_dim = 1 if getattr(module, "is_transposed", False) else -1
         for pname, p in module.named_parameters(prefix=name, recurse=False):
-            if pname.endswith("router.proj.weight"):  # Gemma 4: its input is scaled to unit norm (1/sqrt(hidden))
+            if pname.endswith("A_log"):  # state decay rates (GDN, Mamba): transformers draws them unseeded
+                p.copy_(torch.rand(p.shape, generator=generator) * 2.5 - 1.0)  # A = exp(A_log) in [0.37, 4.5]
+            elif pname.endswith("router.proj.weight"):  # Gemma 4: its input is scaled to unit norm (1/sqrt(hidden))
                 normal_(p, ROUTER_LOGIT_STD)
             elif pname.endswith("per_expert_scale"):  # Gemma 4's weight scale per expert: not all one
                 normal_(p, 0.3)
@@ -239,7 +271,8 @@ def init_decisive(model, seed: int):
                 normal_(p, 0.5)
             # else a norm weight: stays constant (1, or 0 where the norm adds 1)
         for bname, b in module.named_buffers(prefix=name, recurse=False):
-            if bname.endswith("e_score_correction_bias"):  # deepseek_v3, glm4_moe, dots1: added to sigmoid scores
+            if bname.endswith(("e_score_correction_bias", "expert_bias")):  # deepseek_v3, glm4_moe, dots1, lfm2_moe:
+                # added to sigmoid scores
                 normal_(b, 0.1)
     return model.eval()
 
@@ -257,6 +290,8 @@ MULTIMODAL = {
     "llama4": ("llama4_text", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
                                    image_size=28, patch_size=14, vision_output_dim=16, projector_input_dim=16,
                                    projector_output_dim=16)),
+    "qwen3_5_moe": ("qwen3_5_moe_text", dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16,
+                                             out_hidden_size=COMMON["hidden_size"], patch_size=14)),
 }
 
 
@@ -268,7 +303,13 @@ def save_tiny_multimodal(model_type: str, path, seed: int = 0):
     text = tiny_model(text_type, seed)
     cfg = AutoConfig.for_model(model_type, text_config=text.config.to_dict(), vision_config=vision)
     full = AutoModelForImageTextToText.from_config(cfg)
-    full.language_model.load_state_dict(text.state_dict())
+    language_model = getattr(full, "language_model", None) or full.model.language_model
+    if hasattr(language_model, "lm_head"):  # Llama 4: a causal LM inside
+        language_model.load_state_dict(text.state_dict())
+    else:  # Qwen3.5-MoE: the decoder stack inside, the head beside it
+        language_model.load_state_dict({k[len("model."):]: v for k, v in text.state_dict().items()
+                                        if k.startswith("model.")})
+        full.lm_head.load_state_dict(text.lm_head.state_dict())
     full.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

@@ -203,6 +203,15 @@ register("muse_spark_text", RouterAdapter("mlp", "gate", routing.muse_spark_sigm
 register("gemma4_text", RouterAdapter("", "router", routing.gemma4_probs_topk,
                                       sizes=lambda r: (r.config.top_k_experts, r.config.num_experts)))
 
+# hybrid MoEs (recurrent / convolution layers beside attention; their states: state.py)
+register("qwen3_next", RouterAdapter("mlp", "gate", _norm_flag))
+register("qwen3_5_moe_text", RouterAdapter("mlp", "gate", _always_norm))
+register("jamba", RouterAdapter("feed_forward", "router", _never_norm))
+register("granitemoehybrid", RouterAdapter("block_sparse_moe", "router", routing.topk_softmax))
+register("lfm2_moe", RouterAdapter("feed_forward", "gate", routing.sigmoid_expert_bias, router_args=True))
+register("kimi_linear", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("minimax", RouterAdapter("mlp", "gate", _always_norm))
+
 
 def supported_architectures() -> list[str]:
     """transformers `model_type` names that RoE can wrap: the registry's, plus the multimodal top-level types
@@ -229,8 +238,7 @@ _ROUTER = "its router is not a family RoE perturbs yet"
 _NOT_TEXT = "not a left-to-right text generator RoE can drive"
 REFUSED: dict[str, str] = {
     **dict.fromkeys(["switch_transformers", "nllb-moe"], _ENCODER_DECODER),
-    **dict.fromkeys(["bailing_hybrid", "granitemoehybrid", "jamba", "kimi_linear", "lfm2_moe", "minimax", "nemotron_h",
-                     "qwen3_next", "qwen3_5_moe_text", "qwen4_exp_text", "zaya", "lara_mini", "inkling_text",
+    **dict.fromkeys(["bailing_hybrid", "nemotron_h", "qwen4_exp_text", "zaya", "lara_mini", "inkling_text",
                      "inkling2_text", "inkling2_loop_text", "glm5_next_text"], _RECURRENT),
     **dict.fromkeys(["deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "dots3_note_text",
                      "minimax_m3_vl_text", "mistral_large4_text"], _INDEXER),

@@ -42,6 +42,8 @@ from transformers import AttentionInterface, DynamicCache
 from . import experts as expert_dispatch
 from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, attention_owners, cache_argument, find_moe_layers, text_config
 from .routing import gumbel_noise
+from .state import (RecurrentStates, check_clean_support, has_recurrent_state, own_cache_class, state_bytes,
+                    steps_one_position_at_a_time)
 
 CLEAN_ATTENTION = "roe_clean"
 CAPACITY_STEP = 128  # cache capacities are multiples of this, so one compiled step serves many prompt lengths
@@ -143,13 +145,14 @@ class _Step:
 _CLEAN = ThreadSlot()  # the _Step of the clean-cache forward running on this thread
 
 
-class CleanCache:
+class CleanCache(RecurrentStates):
     """The clean sample's keys/values, preallocated per layer as [B, H, capacity, D].
 
     The attention modules call `update` with the chunk of every row of their layer; the clean rows are
     written at the step's slots (one per chunk position, the same for every prompt: left padding is masked
     by the valid-slot mask) and the rows' own chunk keys/values are handed back, which the clean attention
-    uses for the diagonal. Not a transformers StaticCache: that one stores every row it is given, and the
+    uses for the diagonal. Recurrent and convolution states (hybrid models) are kept by RecurrentStates
+    (state.py) by the same rule: clean rows stored, noisy rows read the clean state. Not a transformers StaticCache: that one stores every row it is given, and the
     way it learns its write position (`cache_position`) differs across transformers 5.x releases.
     """
 
@@ -161,6 +164,14 @@ class CleanCache:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.static_addresses = static_addresses  # CUDA graphs: buffers keep their address across replays
+        self._init_states()
+
+    def _rows_per_prompt(self, layer: int) -> int:
+        return _CLEAN.get().rows_per_prompt(layer)
+
+    @property
+    def empty(self) -> bool:
+        return not self.keys and not self.live
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
         buf = like.new_zeros(like.shape[0], *like.shape[1:-2], self.capacity, like.shape[-1])
@@ -199,7 +210,22 @@ class CleanCache:
     def stored_bytes(self) -> int:
         """Bytes of the slots written so far (the buffers hold `capacity` slots)."""
         return sum(t[..., : self.length, :].numel() * t.element_size() for s in (self.keys, self.values)
-                   for t in s.values())
+                   for t in s.values()) + self.state_bytes()
+
+
+_CLEAN_CLASSES: dict[type, type] = {}
+
+
+def clean_cache(own: type | None, capacity: int, static_addresses: bool) -> CleanCache:
+    """A CleanCache; for a model that refuses any cache but its own class (MiniMax), one that is also of that
+    class (the clean cache's methods come first; transformers' mask helpers see no layers of it)."""
+    if own is None:
+        return CleanCache(capacity, static_addresses)
+    if own not in _CLEAN_CLASSES:
+        _CLEAN_CLASSES[own] = type(f"Clean{own.__name__}", (CleanCache, own), {})
+    cache = _CLEAN_CLASSES[own](capacity, static_addresses)
+    cache.layers = []
+    return cache
 
 
 def cache_bytes(cache) -> int:
@@ -210,7 +236,7 @@ def cache_bytes(cache) -> int:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
-    return total
+    return total + state_bytes(cache)
 
 
 def sliding_windows(config) -> tuple:
@@ -432,6 +458,10 @@ class RoEPass:
         self.windows = sliding_windows(text_config(model.config))  # a multimodal model: its language model's
         self.chunks = attention_chunks(text_config(model.config))
         self.owners = {c: d for c, d in attention_owners(model).items() if c != d}
+        self.recurrent = has_recurrent_state(model)  # hybrid: some layers keep a state (state.py)
+        own = own_cache_class(model) if self.recurrent else None  # a model that accepts only its own cache class
+        if self.recurrent and self.clean:
+            check_clean_support(model)
         self.chosen: list[list[torch.Tensor | None]] = []  # per forward: per MoE layer [rows*S, top_k]
         self.device = next(model.parameters()).device
         self.compile = compile if self.clean and not record_experts else None
@@ -454,14 +484,16 @@ class RoEPass:
             # a compiled step (CUDA graphs: fixed addresses) serves passes of one shape that take turns with
             # one set of buffers, released when a pass is garbage
             pool = _buffer_pool(model, (B, self.capacity))
-            state = pool.pop() if pool else _DeviceState.new(B, self.capacity, self.device,
-                                                             static=self.device.type == "cuda")
+            static = self.device.type == "cuda"
+            state = pool.pop() if pool else _DeviceState.new(B, self.capacity, self.device, static=static,
+                                                             cache=clean_cache(own, self.capacity, static))
             state.reset()
             self._finalizer = weakref.finalize(self, pool.append, state)
         elif self.clean:
-            state = _DeviceState.new(B, self.capacity, self.device, static=False)
+            state = _DeviceState.new(B, self.capacity, self.device, static=False,
+                                     cache=clean_cache(own, self.capacity, False))
         else:
-            state = _DeviceState.new(B, self.capacity, self.device, static=False, cache=DynamicCache(config=model.config))
+            state = _DeviceState.new(B, self.capacity, self.device, static=False, cache=own() if own else DynamicCache(config=model.config))
         # per-pass state on the device, advanced in place by every step
         self.cache = state.cache
         self.valid = state.valid  # [B, capacity] bool: slots that hold real tokens
@@ -500,7 +532,7 @@ class RoEPass:
         rows run on, masked out). Returns the aggregated log-probs of the next token [B, V], float32."""
         alive = torch.ones(ids.shape[0], dtype=torch.bool) if alive is None else alive.reshape(ids.shape[0])
         ids, alive = self._idle_rows(ids, 0), self._idle_rows(alive.bool(), False)
-        if self.compile is None or not self.cache.keys or self.length + 1 > self.capacity:
+        if self.compile is None or self.cache.empty or self.length + 1 > self.capacity:
             out = aggregate(self._run(ids, alive[:, None], self.k, logits_to_keep=0)[:, :, -1], self.how)
             return out[: self.batch]
         # fresh tensors with the canonical strides (a [1, 1] slice keeps its parent's, and the graph is
@@ -566,6 +598,10 @@ class RoEPass:
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, k: int, logits_to_keep: int) -> torch.Tensor:
         """An eager forward of a chunk ids [B, S] (mask: its real tokens) -> logits [B, K or 1 expanded to K, S', V]."""
         B, S = ids.shape
+        if steps_one_position_at_a_time(self.recurrent, self.length, S,
+                                        self.clean and k > 1 and self.fanout is not None):
+            outs = [self._run(ids[:, s : s + 1], mask[:, s : s + 1], k, logits_to_keep) for s in range(S)]
+            return outs[-1] if logits_to_keep == 1 else torch.cat(outs, dim=2)
         ids, mask = self._to_device(ids), self._to_device(mask.bool())
         self._reserve(self.length + S)
         start, end = self.length, self.length + S
@@ -576,9 +612,11 @@ class RoEPass:
             step = self._step(k, positions, slots, self.valid[:, :end])
             kwargs = dict(input_ids=ids, position_ids=positions, **{self.cache_arg: self.cache}, use_cache=True,
                           logits_to_keep=logits_to_keep)
-            if not self.clean:  # the model's own attention; its mask is built for B rows and widened at the fan-out
+            if not self.clean or self.recurrent:  # the model's own attention; its mask is built for B rows and
+                # widened at the fan-out. Recurrent layers zero their padding inputs by it (the clean attention
+                # has no mask function: transformers builds none for it)
                 kwargs["attention_mask"] = self.valid[:, :end].long()
-            logits = self._call(step, lambda: self.model(**kwargs).logits)
+            logits = self._call(step, lambda: _forward(self.model, self.cache, kwargs))
             self.next_pos += mask.long().sum(1, keepdim=True)
             self.slot.fill_(end)
         self.length = end
@@ -638,6 +676,7 @@ class _DeviceState:
         for t in (self.valid, self.next_pos, self.slot):
             t.zero_()
         self.cache.length = 0
+        self.cache.reset_states()
 
 
 def _buffer_pool(model, key) -> list:
@@ -667,11 +706,20 @@ def decode_step(run: RoEPass, ids: torch.Tensor, alive: torch.Tensor) -> torch.T
     valid-slot mask) is a device tensor advanced in place, so the step compiles as one graph without breaks.
     """
     run.valid.index_copy_(1, run.slot, alive[:, None])
-    logits = run.model(input_ids=ids, position_ids=run.next_pos, **{run.cache_arg: run.cache}, use_cache=True).logits
+    logits = _forward(run.model, run.cache, dict(input_ids=ids, position_ids=run.next_pos,
+                                                 **{run.cache_arg: run.cache}, use_cache=True))
     run.next_pos.add_(alive[:, None].long())
     run.slot.add_(1)
     B = ids.shape[0]
     return aggregate(logits.view(B, -1, logits.shape[-1]), run.how)  # [B*K or B, 1, V] -> [B, V]
+
+
+def _forward(model, cache, kwargs: dict) -> torch.Tensor:
+    """The model's logits; then the clean cache keeps the clean rows of states the model advanced in place."""
+    logits = model(**kwargs).logits
+    if isinstance(cache, CleanCache):
+        cache.settle()
+    return logits
 
 
 _COMPILED: dict[tuple, object] = {}

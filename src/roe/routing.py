@@ -484,3 +484,24 @@ def softmax_topk_v2(router, logits: torch.Tensor, noise: torch.Tensor):
     idx = choice.topk(router.top_k, dim=-1).indices
     weights = probs.gather(-1, idx) * keep.gather(-1, idx)
     return weights * router.routed_scaling_factor, idx
+
+
+# --- hybrid MoEs ---
+
+
+def sigmoid_expert_bias(router, logits: torch.Tensor, noise: torch.Tensor, expert_bias=None):
+    """LFM2-MoE: top-k of sigmoid(R) plus the block's expert bias (handed to the router as an input), weights the
+    clean sigmoid scores of the chosen, optionally renormalised, times the routed scaling factor.
+
+    The ranked quantity sigmoid(R) + bias is perturbed through its logit-space pre-image R.
+    """
+    logits = logits.float()
+    scores = logits.sigmoid()
+    choice = (logits + noise).sigmoid()
+    if router.use_expert_bias:
+        choice = choice + expert_bias.float()
+    idx = torch.topk(choice, router.top_k, dim=-1).indices
+    weights = scores.gather(-1, idx)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
+    return weights * router.routed_scaling_factor, idx
