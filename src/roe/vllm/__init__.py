@@ -46,5 +46,8 @@ def register() -> None:
     """vLLM's general-plugin entry point: runs in every vLLM process, possibly more than once."""
     from vllm import ModelRegistry
 
-    for arch in (*SUPPORTED, *GUARDED):
+    from . import gate
+
+    for arch in SUPPORTED:
         ModelRegistry.register_model(arch, f"roe.vllm.model:{arch}")
+    gate.install(ModelRegistry)  # every other architecture refuses to start with `roe` set
