@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .settings import GUARDED, SUPPORTED, SUPPORTED_NAMES, RoESettingsError, settings_from_hf_config
 
+_REQUEST_GUARD = "roe.vllm.requests:RoERequestGuard"
 _ENV = "ROE_VLLM_STARTER_PID"  # inherited by vLLM's engine and worker processes
 
 
@@ -48,6 +49,9 @@ def install(registry) -> None:
             reason = refusal(arch)
             if reason is not None:
                 raise RoESettingsError(reason)
+            procs = list(getattr(model_config, "logits_processors", None) or [])
+            if _REQUEST_GUARD not in procs:  # refuses per-request RoE settings at admission (requests.py)
+                model_config.logits_processors = [*procs, _REQUEST_GUARD]
         return info, arch
 
     inspect_model_cls._roe_gate = True
