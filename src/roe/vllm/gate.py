@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -56,8 +57,8 @@ def install(registry) -> None:
 
     inspect_model_cls._roe_gate = True
     registry.inspect_model_cls = inspect_model_cls
-    if _ENV not in os.environ:  # the starting process: vLLM's engine processes inherit the variable
-        os.environ[_ENV] = str(os.getpid())
+    if multiprocessing.parent_process() is None:  # the starting process (vLLM's engine processes are children
+        os.environ[_ENV] = str(os.getpid())  # started by multiprocessing, and inherit the variable)
         _refusal_file(str(os.getpid())).unlink(missing_ok=True)
         sys.excepthook = partial(_excepthook, sys.excepthook)
 
