@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .builtin import BUILTIN_DIR, SIZES
+from .builtin import BUILTIN_DIR, CHAT_TEMPLATE, SIZES
 
 # name -> OlmoeConfig fields. Parameter counts (all experts): s ~1.5M, m ~3.9M, l ~7.4M.
 MODEL_SIZES = {
@@ -136,6 +136,7 @@ def train(size: str, steps: int, batch: int, lr: float, seed: int, device: str, 
 
     dest = out_dir / size
     model.to(torch.bfloat16).save_pretrained(dest)  # 16-bit on disk; loaded back in float32
+    tokenizer.chat_template = CHAT_TEMPLATE  # vLLM's server needs one to chat
     tokenizer.save_pretrained(dest)
     (dest / "training_log.json").write_text(json.dumps(log, indent=1))
     fig, ax = plt.subplots(figsize=(6, 3.5))

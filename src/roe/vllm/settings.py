@@ -17,12 +17,13 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
 }
 
+# for the one-line refusals
+SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE"
+
 _PORT = "is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"
 _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"
-# architectures that refuse to start with `roe` set (they run unchanged without it): the MoE families the
-# project's engine supports whose vLLM router is not ported, and common dense models. (dots1, also supported
-# by the engine, is gone from vLLM since 0.23; FlexOlmo and HunYuan-MoE run on vLLM's Transformers backend,
-# whose resolution a guard class would change, so they are not guarded.)
+# more specific reasons for some of the architectures that refuse to start with `roe` set (every architecture
+# not in SUPPORTED refuses, see gate.py; they run unchanged without `roe`)
 GUARDED: dict[str, tuple[str, str, str]] = {
     "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM", _PORT + " (attention sinks and sliding windows)"),
     "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM", _PORT + " (grouped sigmoid router, MLA)"),
@@ -41,8 +42,9 @@ GUARDED: dict[str, tuple[str, str, str]] = {
 FIELDS = ("num_samples", "tau", "skip_layers", "aggregate", "cache", "seed", "profile")
 
 
-class RoESettingsError(ValueError):
-    """A `roe` setting vLLM cannot start with; the message is one line starting with `roe:`."""
+class RoESettingsError(RuntimeError):
+    """A `roe` setting vLLM cannot start with; the message is one line starting with `roe:`. Not a ValueError:
+    vLLM builds its configs with pydantic, which rewraps a ValueError into a multi-line ValidationError."""
 
 
 def settings_from_hf_config(hf_config) -> RoEConfig | None:
