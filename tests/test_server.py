@@ -180,7 +180,7 @@ def test_logprobs_include_the_eos_that_ended_a_completion(roster):
 
 def test_logprobs_are_kept_while_decoding_without_a_second_pass(client, roster, monkeypatch):
     """Generated tokens' log-probs come from the decode steps that picked them: scoring is not called."""
-    import roe.server as server_module
+    import roe.server.scheduler as server_module
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("scored again")
@@ -385,7 +385,7 @@ def _poll(url, done, tries=200):
 
 def test_clients_that_leave_free_the_queue_and_the_worker(roster, monkeypatch):
     """Queued jobs of clients that gave up are dropped; a running batch whose stream closed stops early."""
-    import roe.server as server_module
+    import roe.server.scheduler as server_module
 
     steps = []  # per batch the worker ran: decode steps taken
     real = server_module.decode_steps
@@ -431,7 +431,7 @@ def test_clients_that_leave_free_the_queue_and_the_worker(roster, monkeypatch):
 def test_shutdown_answers_queued_503_and_bounds_the_wait(roster, monkeypatch):
     """Shutdown (what SIGTERM triggers; tests/test_server_process.py sends a real one): queued jobs answer 503 at
     once, new ones too, and a running job that outlasts the graceful timeout answers 503 instead of a hang."""
-    import roe.server as server_module
+    import roe.server.scheduler as server_module
 
     real = server_module.decode_steps
 
