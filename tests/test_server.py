@@ -25,13 +25,14 @@ def _free_port():
 
 
 class _Server:
-    def __init__(self, app, graceful_timeout=None):
+    def __init__(self, app, graceful_timeout=None, connections=None):
         self.app = app
         self.port = _free_port()
-        if graceful_timeout is None:
+        if graceful_timeout is None and connections is None:
             self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         else:  # `roe serve`'s server: queued jobs answer 503 at shutdown, running ones get graceful_timeout seconds
-            self.server = make_server(app, "127.0.0.1", self.port, graceful_timeout)
+            self.server = make_server(app, "127.0.0.1", self.port, 10 if graceful_timeout is None else graceful_timeout,
+                                      connections)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(200):

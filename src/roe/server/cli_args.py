@@ -47,4 +47,12 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--timeout-graceful-shutdown", type=float, default=10.0,
                    help="on SIGTERM, seconds to let running requests finish (queued ones answer 503 at once)")
+    p.add_argument("--timeout-header", type=float, default=10.0,
+                   help="seconds from a request's first byte to the end of its headers (408 after; default 10)")
+    p.add_argument("--timeout-body", type=float, default=30.0,
+                   help="seconds from the end of a request's headers to the end of its body (408 after; default 30)")
+    p.add_argument("--timeout-idle", type=float, default=5.0,
+                   help="seconds a connection may stay open without a request (closed after; default 5)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at most; one more is answered 503 at once (default 256)")
     p.set_defaults(func=cmd_serve)
