@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import time
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel, ValidationError
@@ -121,9 +122,16 @@ def create_app(roster, model_name: str = "roe", limits: Limits | None = None, ap
 
     limits = limits or Limits()
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="roster-of-experts", version="0.1.0", **docs)
     scheduler = Scheduler(roster, limits)
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roe-tokenize")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        scheduler.close()  # (already closed by `roe serve`'s shutdown, which also joins the worker)
+        tokenizing.shutdown(wait=False)
+
+    app = FastAPI(title="roster-of-experts", version="0.1.0", lifespan=lifespan, **docs)
     completion = OpenAIServingCompletion(roster, model_name, limits, scheduler, tokenizing)
     chat = OpenAIServingChat(roster, model_name, limits, scheduler, tokenizing)
     app.state.scheduler = scheduler

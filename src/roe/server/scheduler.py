@@ -7,7 +7,7 @@ full queue answers 429 (with Retry-After). The worker talks to the event loop th
 
 A job whose client disconnected, or whose stream was closed, is dropped from the queue; a running batch whose
 clients all left stops at its next decode step. On shutdown, queued jobs answer 503 at once and the running batch
-finishes (or stops at its next step once its clients are gone).
+finishes, or is ended at the graceful timeout (`end_running`).
 """
 
 import asyncio
@@ -89,6 +89,17 @@ class Scheduler:
             self.lock.notify_all()
         for job in queued:
             job.put(("error", APIError(503, "the server is shutting down; this request was not started", "server_error")))
+
+    def end_running(self) -> int:
+        """Shutdown, at the graceful timeout: the running batch's requests are answered 503 now (a stream gets an
+        error event and [DONE]) and the worker stops at its next step. -> how many requests were ended."""
+        with self.lock:
+            running = [job for job in self.running if not job.cancelled]
+            for job in running:
+                job.cancelled = True
+        for job in running:
+            job.put(("error", APIError(503, "the server shut down before this request finished", "server_error")))
+        return len(running)
 
     def _take_batch(self) -> list[Job] | None:
         with self.lock:
