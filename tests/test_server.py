@@ -267,6 +267,9 @@ BASE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
         ({**BASE, "logprobs": 1, "stream": True}, 400, "logprobs are not supported with stream"),
         ({**BASE, "stop": ["s"] * 17}, 400, "at most 16 stop sequences"),
         ({**BASE, "stop": 5}, 400, "stop must be a string or a list of strings"),
+        ({**BASE, "stop": ["x" * 4000] * 16}, 400, "the stop sequences have 64000 characters in all; this server "
+         "allows at most 4096"),
+        ({**BASE, "stop": "x" * 4097}, 400, "stop: the stop sequences have 4097 characters"),
         ({**BASE, "frequency_penalty": 1}, 400, "frequency_penalty and presence_penalty are not supported"),
         ({**BASE, "best_of": 2}, 400, "unsupported parameter: best_of"),
         ({"model": "tiny", "messages": []}, 400, "messages"),

@@ -18,6 +18,7 @@ MIN_TEMPERATURE = 1e-5  # below it sampling is greedy decoding (dividing by ~0 o
 MIN_TOP_P = 1e-6  # below it only the most likely token survives (exactly greedy for vocabularies up to 1e6)
 MAX_LOGPROBS = 20
 MAX_STOPS = 16  # OpenAI allows 4; lm-eval adds the EOS string to a task's own stop list
+MAX_STOP_CHARS = 4096  # in all the stop strings (matching costs O(new text) per step; this bounds its tables)
 
 
 class APIError(Exception):
@@ -98,12 +99,16 @@ class CommonRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        if v is None or isinstance(v, str):
+        if v is None:
             return v
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        if not isinstance(v, (str, list)) or not all(isinstance(s, str) for s in v):
             raise ValueError("stop must be a string or a list of strings")
-        if len(v) > MAX_STOPS:
+        if isinstance(v, list) and len(v) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(v)}")
+        chars = len(v) if isinstance(v, str) else sum(map(len, v))
+        if chars > MAX_STOP_CHARS:
+            raise ValueError(f"the stop sequences have {chars} characters in all; this server allows at most "
+                             f"{MAX_STOP_CHARS}")
         return v
 
     @field_validator("seed")
