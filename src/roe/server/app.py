@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pydantic import BaseModel, ValidationError
 
 from .cli_args import Limits
-from .protocol import APIError, ChatRequest, CompletionRequest, error_body, validation_message
+from .protocol import (APIError, ChatRequest, CompletionRequest, error_body, lone_surrogate, model_not_found,
+                       validation_message)
 from .scheduler import Scheduler
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
@@ -31,7 +32,7 @@ class Gate:
 
     def __init__(self, app, api_key: str | None = None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -60,8 +61,10 @@ class Gate:
                  1000 * (time.perf_counter() - start))
 
     def _authorized(self, scope) -> bool:
+        """`Authorization: Bearer <key>`, the scheme in any case (RFC 9110: schemes are case-insensitive)."""
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        return hmac.compare_digest(given, self.expected)
+        scheme, _, key = given.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.expected)
 
 
 async def send_json(send, status: int, body: dict) -> None:
@@ -83,7 +86,7 @@ async def read_body(request, max_body: int) -> bytes:
                               "(derived from --max-prompt-tokens)")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > max_body):
-        raise too_large if length.isdigit() else APIError(400, "invalid Content-Length header")
+        raise too_large if length.isdigit() else APIError(400, "the Content-Length header is not a number")
     parts, size = [], 0
     try:
         async for chunk in request.stream():
@@ -104,6 +107,10 @@ def parse_body(data: bytes, model: type[BaseModel]):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if b"\\u" in data and (found := lone_surrogate(body)):  # (a JSON escape can spell half a surrogate pair)
+        where, index, escape = found
+        raise APIError(400, f"{where}: character {index} is {escape}, half of a UTF-16 surrogate pair with no other "
+                            "half, so not text; send the character itself or both halves", param=where)
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -147,12 +154,12 @@ def _add_error_handlers(app) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    def error(status, message, kind="invalid_request_error", param=None, headers=None):
-        return JSONResponse(error_body(message, kind, param), status_code=status, headers=headers)
+    def error(status, message, kind="invalid_request_error", param=None, headers=None, code=None):
+        return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return error(exc.status, exc.message, exc.kind, exc.param, exc.headers)
+        return error(exc.status, exc.message, exc.kind, exc.param, exc.headers, exc.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -176,9 +183,17 @@ def _add_routes(app, model_name: str, completion: OpenAIServingCompletion, chat:
     async def health():
         return {"status": "ok", "queued": len(scheduler.jobs), "running": len(scheduler.running)}
 
+    card = {"id": model_name, "object": "model", "created": started, "owned_by": "roe"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "roe"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise model_not_found(model_id, model_name)
+        return card
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -6,6 +6,7 @@ own messages for the fields pydantic would explain in its own words. What needs 
 token ids in range, a tau list that fits the MoE layers) is checked in `serving_engine.py`.
 """
 
+import json
 import math
 from typing import Any, Literal
 
@@ -25,13 +26,31 @@ class APIError(Exception):
     """An answer in the OpenAI error format: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+        self.code = code
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def model_not_found(model: str, served: str) -> APIError:
+    return APIError(404, f"the model {model!r} does not exist; this server serves {served!r}", param="model",
+                    code="model_not_found")
+
+
+# Fields common clients send that change nothing here, at the values that change nothing: accepted and ignored.
+# Any other value is refused by name (as is every field not listed in the request models).
+NEUTRAL = {
+    "logit_bias": ({}, "{} (no bias)"),
+    "response_format": ({"type": "text"}, '{"type": "text"}'),
+    "tools": ([], "[] (this server calls no tools)"),
+    "suffix": ("", '"" (no suffix)'),
+    "modalities": (["text"], '["text"]'),
+}
 
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -95,6 +114,26 @@ class CommonRequest(BaseModel):
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, allow_inf_nan=False)
     roe: RoESettings | None = None
+    # accepted and ignored: they do not change the output
+    parallel_tool_calls: bool | None = None  # (no tools)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # accepted at their neutral value only (NEUTRAL)
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Literal["none", "auto"] | None = None
+
+    @field_validator("logit_bias", "response_format", "tools", "suffix", "modalities", check_fields=False)
+    @classmethod
+    def _neutral(cls, v, info):
+        neutral, shown = NEUTRAL[info.field_name]
+        if v is not None and v != neutral:
+            raise ValueError(f"this server accepts only {shown} or null here, got {json.dumps(v)[:80]}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -130,6 +169,15 @@ class CompletionRequest(CommonRequest):
     prompt: Any
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = None  # only = n: the n completions, all returned
+    suffix: Any = None
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError(f"unsupported parameter: best_of (this server accepts only best_of = n, which returns "
+                             f"every completion; got best_of {self.best_of} with n {self.n or 1})")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -161,6 +209,7 @@ class ChatRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    modalities: Any = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -174,9 +223,25 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
     err = e.errors(include_url=False)[0]
     where = ".".join(str(p) for p in err.get("loc", ()))
     if err["type"] == "extra_forbidden":
-        return f"unsupported parameter: {where}", where or None
+        return f"unsupported parameter: {where} (this server does not know it)", where or None
     if err["type"] == "value_error" and "error" in err.get("ctx", {}):
         msg = str(err["ctx"]["error"])
     else:
         msg = err.get("msg", "invalid request")
     return (f"{where}: {msg}" if where else msg), where or None
+
+
+def lone_surrogate(value, path: str = "") -> tuple[str, int, str] | None:
+    """Where a JSON string holds half of a UTF-16 surrogate pair ("\\ud800" alone), which is no character:
+    (the field's path, the character's index, the escape) for the first one; None when there is none."""
+    if isinstance(value, str):
+        for i, c in enumerate(value):
+            if "\ud800" <= c <= "\udfff":
+                return path, i, f"\\u{ord(c):04x}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None

@@ -2,7 +2,7 @@
 none: "System: ...\\nUser: ...\\nAssistant:" (one line per message, ending with "Assistant:"); `logprobs` +
 `top_logprobs` report the aggregated RoE distribution's log-probs of the generated tokens."""
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from .protocol import APIError, ChatMessage, ChatRequest
 from .serving_engine import OpenAIServing
@@ -25,19 +25,21 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, req: ChatRequest, request):
         n = req.n or 1
         self.check_count(1, n)
-        config, params, seed, max_tokens = self.settings(req, False, n)
+        config, max_tokens, seed = self.settings(req, False, n, None)  # OpenAI's default: what fits the context
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         self.check_stream(req, top_n)
         self.check_chars(sum(len(m.content) for m in req.messages))
-        _, ids = await self.off_loop(self._encode, req.messages, max_tokens)
-        jobs = self.submit([ids], config, params, seed, n, top_n, False)
+        _, ids = await self.off_loop(self._encode, req.messages, max_tokens or 1)
+        if max_tokens is None:
+            context = self.roster.max_context
+            max_tokens = self.limits.max_tokens if context is None else min(self.limits.max_tokens, context - len(ids))
+        jobs = self.submit([ids], config, self.sampling(req, max_tokens), seed, n, top_n, False)
         rid, created = self.new_id()
         if req.stream:
             def opening(index):  # each choice's stream opens with the assistant's role
                 return [self.choice_chunk(index, role=True)]
 
-            return StreamingResponse(self.stream_events(jobs, rid, created, req, opening),
-                                     media_type="text/event-stream")
+            return self.streaming(jobs, rid, created, req, opening)
         results = await self.wait_done(jobs, request)
         if results is None:
             return Response(status_code=499)  # the client closed the connection; nobody reads this
@@ -47,9 +49,7 @@ class OpenAIServingChat(OpenAIServing):
             lp = None if table is None else await self.off_loop(self.logprobs, table[: len(out.token_ids)])
             choices.append({"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                             "finish_reason": out.finish_reason})
-        body = self.response(rid, created, choices, jobs, [o for o, _ in results])
-        request.state.tokens = body["usage"]["completion_tokens"]
-        return body
+        return self.response(rid, created, choices, jobs, [o for o, _ in results], request)
 
     def _encode(self, messages: list[ChatMessage], reserve: int) -> tuple[str, list[int]]:  # on the tokenizer thread
         try:

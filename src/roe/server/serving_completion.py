@@ -6,7 +6,7 @@ completion that ended on EOS lists the EOS token last (as vLLM does), so `echo` 
 len(prompt) + 1 entries. Streams do not carry log-probs (400).
 """
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from .protocol import APIError, CompletionRequest
 from .serving_engine import OpenAIServing
@@ -23,7 +23,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                 f"{self.limits.max_prompts} per request", param="prompt")
         echo, n = bool(req.echo), req.n or 1
         self.check_count(len(prompts), n)
-        config, params, seed, max_tokens = self.settings(req, echo, n)
+        config, max_tokens, seed = self.settings(req, echo, n, min(16, self.limits.max_tokens))  # OpenAI's default
+        params = self.sampling(req, max_tokens)
         self.check_stream(req, req.logprobs)
         for i, p in enumerate(prompts):
             if isinstance(p, str):
@@ -41,8 +42,7 @@ class OpenAIServingCompletion(OpenAIServing):
             def opening(index):  # the echoed prompt opens each choice's stream
                 return [self.choice_chunk(index, prefixes[index])] if prefixes[index] else []
 
-            return StreamingResponse(self.stream_events(jobs, rid, created, req, opening),
-                                     media_type="text/event-stream")
+            return self.streaming(jobs, rid, created, req, opening)
         results = await self.wait_done(jobs, request)
         if results is None:
             return Response(status_code=499)  # the client closed the connection; nobody reads this
@@ -53,9 +53,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 lp = await self.off_loop(self.logprobs, ([(job.ids[0], None, None)] if echo else []) + table)
             choices.append({"index": i, "text": prefixes[i] + out.text, "logprobs": lp,
                             "finish_reason": out.finish_reason})
-        body = self.response(rid, created, choices, jobs, [o for o, _ in results])
-        request.state.tokens = body["usage"]["completion_tokens"]
-        return body
+        return self.response(rid, created, choices, jobs, [o for o, _ in results], request)
 
     def _encode_all(self, prompts: list, reserve: int) -> list[list[int]]:  # on the tokenizer thread
         return [self.encode_text(p, reserve) if isinstance(p, str) else p for p in prompts]

@@ -4,6 +4,7 @@ jobs to the scheduler, and wait for them or stream them as server-sent events.""
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 
@@ -11,7 +12,7 @@ from ..config import RoEConfig
 from ..generate import Completion, SamplingParams
 from ..routing import SEED_RANGE, layer_taus
 from .cli_args import Limits
-from .protocol import MIN_TEMPERATURE, MIN_TOP_P, APIError, CommonRequest, error_body
+from .protocol import MIN_TEMPERATURE, MIN_TOP_P, APIError, CommonRequest, error_body, model_not_found
 from .scheduler import Job, Scheduler
 from .scoring import vocab_size
 
@@ -23,6 +24,10 @@ def longest_token(tokenizer) -> int:
         return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
     except Exception:  # a tokenizer without a vocabulary listing: a generous bound
         return 256
+
+
+def seed_header(jobs: list[Job]) -> dict:
+    return {"x-roe-seed": str(jobs[0].seed)}  # completion i of a prompt used this seed + i
 
 
 def usage(jobs: list[Job], outs: list[Completion]) -> dict:
@@ -46,28 +51,36 @@ class OpenAIServing:
         self.token_texts: dict[int, str] = {}
 
     # ---- settings ---------------------------------------------------------------------------------------
-    def settings(self, req: CommonRequest, echo: bool, jobs_per_prompt: int) -> tuple[RoEConfig, SamplingParams | None, int, int]:
-        """-> (RoE config, sampling parameters (None: score only), first seed, max new tokens); a 400 otherwise."""
+    def settings(self, req: CommonRequest, echo: bool, jobs_per_prompt: int,
+                 default_max_tokens: int | None) -> tuple[RoEConfig, int | None, int]:
+        """-> (RoE config, max new tokens (None: what fits the context, known once the prompt is encoded), first
+        seed); an APIError otherwise."""
         if req.model != self.model_name:
-            raise APIError(400, f"unknown model {req.model!r}; this server serves {self.model_name!r}", param="model")
+            raise model_not_found(req.model, self.model_name)
         try:
             config = self._roe_config(req)
             given = [m for m in (req.max_completion_tokens, req.max_tokens) if m is not None]
-            max_tokens = given[0] if given else min(16, self.limits.max_tokens)
-            if max_tokens > self.limits.max_tokens:
+            max_tokens = given[0] if given else default_max_tokens
+            if max_tokens is not None and max_tokens > self.limits.max_tokens:
                 raise ValueError(f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}")
             if max_tokens == 0 and not echo:
                 raise ValueError("max_tokens must be >= 1 (0 only with echo, to score the prompt)")
             if jobs_per_prompt > self.limits.max_n:
                 raise ValueError(f"n is {jobs_per_prompt}; this server allows at most {self.limits.max_n}")
-            params = None if max_tokens == 0 else self._sampling(req, max_tokens)
-            seed = req.seed if req.seed is not None else self.roster.config.seed
-            if seed + jobs_per_prompt - 1 >= SEED_RANGE[1]:
-                raise ValueError(f"seed + n - 1 must be < 2**63 (completion i uses seed + i), got seed {seed} "
-                                 f"and n {jobs_per_prompt}")
+            seed = self._seed(req, max_tokens != 0 and self._sampled(req), jobs_per_prompt)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        return config, params, seed, max_tokens
+        return config, max_tokens, seed
+
+    def _seed(self, req: CommonRequest, sampled: bool, n: int) -> int:
+        """The request's seed; without one, a fresh one for a sampled request (as OpenAI's API: each request draws
+        anew) and the served default for a greedy one (the same routing noise, so the same text, every time)."""
+        if req.seed is None:
+            return secrets.randbelow(SEED_RANGE[1] - n + 1) if sampled else self.roster.config.seed
+        if req.seed + n - 1 >= SEED_RANGE[1]:
+            raise ValueError(f"seed + n - 1 must be < 2**63 (completion i uses seed + i), got seed {req.seed} "
+                             f"and n {n}")
+        return req.seed
 
     def _roe_config(self, req: CommonRequest) -> RoEConfig:
         changes = req.roe.model_dump(exclude_none=True) if req.roe else {}
@@ -78,12 +91,21 @@ class OpenAIServing:
         return config
 
     @staticmethod
-    def _sampling(req: CommonRequest, max_tokens: int) -> SamplingParams:
+    def _sampled(req: CommonRequest) -> bool:
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
-        sampled = temperature >= MIN_TEMPERATURE and top_p >= MIN_TOP_P  # tiny ones: greedy decoding
-        return SamplingParams(max_tokens, sampled, temperature if sampled else 1.0, top_p if sampled else 1.0,
-                              req.stop)
+        return temperature >= MIN_TEMPERATURE and top_p >= MIN_TOP_P  # tiny ones: greedy decoding
+
+    def sampling(self, req: CommonRequest, max_tokens: int) -> SamplingParams | None:
+        """The decoding loop's parameters; None for max_tokens 0 (score the prompt only)."""
+        if max_tokens == 0:
+            return None
+        sampled = self._sampled(req)
+        try:
+            return SamplingParams(max_tokens, sampled, req.temperature if sampled and req.temperature else 1.0,
+                                  req.top_p if sampled and req.top_p else 1.0, req.stop)
+        except ValueError as e:  # an empty stop string
+            raise APIError(400, str(e), param="stop") from None
 
     # ---- prompts ----------------------------------------------------------------------------------------
     def check_ids(self, where: str, ids: list[int], reserve: int) -> list[int]:
@@ -167,9 +189,21 @@ class OpenAIServing:
     def new_id(self) -> tuple[str, int]:
         return self.id_prefix + uuid.uuid4().hex[:24], int(time.time())
 
-    def response(self, rid: str, created: int, choices: list, jobs: list[Job], outs: list[Completion]) -> dict:
-        return {"id": rid, "object": self.kind, "created": created, "model": self.model_name, "choices": choices,
-                "usage": usage(jobs, outs)}
+    def response(self, rid: str, created: int, choices: list, jobs: list[Job], outs: list[Completion], request):
+        """The whole answer, with the seed the request used (in its `seed` field and the x-roe-seed header): sent
+        back as `seed`, it repeats the request exactly."""
+        from fastapi.responses import JSONResponse
+
+        body = {"id": rid, "object": self.kind, "created": created, "model": self.model_name, "choices": choices,
+                "usage": usage(jobs, outs), "seed": jobs[0].seed}
+        request.state.tokens = body["usage"]["completion_tokens"]
+        return JSONResponse(body, headers=seed_header(jobs))
+
+    def streaming(self, jobs: list[Job], rid: str, created: int, req: CommonRequest, opening):
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(self.stream_events(jobs, rid, created, req, opening), media_type="text/event-stream",
+                                 headers=seed_header(jobs))
 
     def chunk(self, rid: str, created: int, choices: list, **extra) -> str:
         return "data: " + json.dumps({"id": rid, "object": self.chunk_kind, "created": created,
