@@ -188,10 +188,7 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
                 continue
             out.token_ids.append(tok)
             if text_each_step:
-                text = decode(out.token_ids)
-                cut = matchers[b].feed(text)
-                out.text, stopped = (text, False) if cut is None else (text[:cut], True)
-                out.held = matchers[b].held(text)
+                stopped = _update_text(out, decode(out.token_ids), matchers[b])
             elif window and _cut_at_stop(decode(out.token_ids[-window:]), params.stop)[1]:
                 out.text, stopped = _cut_at_stop(decode(out.token_ids), params.stop)  # where the stop string ends
             else:
@@ -209,6 +206,14 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
         if not text_each_step:
             out.text = _cut_at_stop(decode(out.token_ids), params.stop)[0]
     yield outs
+
+
+def _update_text(out: Completion, text: str, matcher: StopMatcher) -> bool:
+    """The completion's text is now `text`, cut at a stop string if one formed (-> True)."""
+    cut = matcher.feed(text)
+    out.text = text if cut is None else text[:cut]
+    out.held = matcher.held(text)
+    return cut is not None
 
 
 def new_text(out: Completion, sent: int, stops: Sequence[str]) -> str:
