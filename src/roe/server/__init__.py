@@ -16,8 +16,8 @@ Laid out as vLLM's `entrypoints/openai`; a request's path through the files:
 RoE settings travel in an extra `roe` object, which the `openai` client sends with `extra_body={"roe": {...}}`.
 """
 
-from .api_server import cmd_serve, make_server, serve
-from .app import create_app
+from .app import create_app  # (first: pydantic is the package a missing server stack is reported by)
+from .api_server import cmd_serve, make_server, serve  # noqa: I001
 from .cli_args import Limits, add_parser, serve_limits
 from .protocol import APIError
 from .scoring import score_positions
