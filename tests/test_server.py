@@ -25,13 +25,14 @@ def _free_port():
 
 
 class _Server:
-    def __init__(self, app, graceful_timeout=None):
+    def __init__(self, app, graceful_timeout=None, connections=None):
         self.app = app
         self.port = _free_port()
-        if graceful_timeout is None:
+        if graceful_timeout is None and connections is None:
             self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         else:  # `roe serve`'s server: queued jobs answer 503 at shutdown, running ones get graceful_timeout seconds
-            self.server = make_server(app, "127.0.0.1", self.port, graceful_timeout)
+            self.server = make_server(app, "127.0.0.1", self.port, 10 if graceful_timeout is None else graceful_timeout,
+                                      connections)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(200):
@@ -180,7 +181,7 @@ def test_logprobs_include_the_eos_that_ended_a_completion(roster):
 
 def test_logprobs_are_kept_while_decoding_without_a_second_pass(client, roster, monkeypatch):
     """Generated tokens' log-probs come from the decode steps that picked them: scoring is not called."""
-    import roe.server as server_module
+    import roe.server.scheduler as server_module
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("scored again")
@@ -243,7 +244,7 @@ BASE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
         ({**BASE, "roe": {"tau": "0.3"}}, 400, "roe.tau: tau must be a number or a non-empty list"),
         ({**BASE, "roe": {"tau": [0.1, 0.2]}}, 400, "tau has 2 values but the model has 4 MoE layers"),
         ({**BASE, "roe": {"temperature": 2}}, 400, "unsupported parameter: roe.temperature"),
-        ({**BASE, "model": "gpt-4"}, 400, "unknown model 'gpt-4'"),
+        ({**BASE, "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist; this server serves 'tiny'"),
         ({**BASE, "roe": {"num_samples": 17}}, 400, "at most 16"),
         ({**BASE, "max_tokens": 33}, 400, "at most 32"),
         ({**BASE, "prompt": "x" * 65}, 400, "the prompt has 65 tokens; this server allows at most 64"),
@@ -266,6 +267,9 @@ BASE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
         ({**BASE, "logprobs": 1, "stream": True}, 400, "logprobs are not supported with stream"),
         ({**BASE, "stop": ["s"] * 17}, 400, "at most 16 stop sequences"),
         ({**BASE, "stop": 5}, 400, "stop must be a string or a list of strings"),
+        ({**BASE, "stop": ["x" * 4000] * 16}, 400, "the stop sequences have 64000 characters in all; this server "
+         "allows at most 4096"),
+        ({**BASE, "stop": "x" * 4097}, 400, "stop: the stop sequences have 4097 characters"),
         ({**BASE, "frequency_penalty": 1}, 400, "frequency_penalty and presence_penalty are not supported"),
         ({**BASE, "best_of": 2}, 400, "unsupported parameter: best_of"),
         ({"model": "tiny", "messages": []}, 400, "messages"),
@@ -330,6 +334,85 @@ def test_malformed_bodies_and_auth(server):
     assert r.status_code == 405 and "method GET is not allowed" in r.json()["error"]["message"]
 
 
+# ---- OpenAI conventions ---------------------------------------------------------------------------------
+
+
+def test_sampled_requests_without_a_seed_draw_one_and_return_it(server, roster):
+    sampled = {**BASE, "prompt": "abc", "max_tokens": 10, "temperature": 1.5}
+    answers = [_post(server, "/v1/completions", sampled) for _ in range(3)]
+    seeds = [r.json()["seed"] for r in answers]
+    assert all(r.status_code == 200 and r.headers["x-roe-seed"] == str(r.json()["seed"]) for r in answers)
+    assert len(set(seeds)) == 3 and len({r.json()["choices"][0]["text"] for r in answers}) > 1
+    again = _post(server, "/v1/completions", {**sampled, "seed": seeds[0]}).json()
+    assert again["seed"] == seeds[0] and again["choices"][0]["text"] == answers[0].json()["choices"][0]["text"]
+    greedy = [_post(server, "/v1/completions", {**sampled, "temperature": 0}).json() for _ in range(2)]
+    assert greedy[0]["seed"] == greedy[1]["seed"] == roster.config.seed  # greedy: the same noise, the same text
+    assert greedy[0]["choices"][0]["text"] == greedy[1]["choices"][0]["text"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                            "stream": True}, timeout=30) as r:
+        assert r.status_code == 200 and int(r.headers["x-roe-seed"]) >= 0
+        r.read()
+
+
+def test_models_by_id_and_model_not_found(server, client):
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+
+
+def test_chat_max_tokens_defaults_to_what_fits(server, roster):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    assert _post(server, "/v1/chat/completions", chat).json()["usage"]["completion_tokens"] == 32  # --max-tokens
+    s = _Server(create_app(roster, "tiny", Limits(max_tokens=127, max_prompt_tokens=64)))
+    try:  # the context (128) is the bound: the prompt's tokens plus the completion's fill it
+        usage = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=120).json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == roster.max_context == 128
+        completion = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": 0},
+                                timeout=60).json()
+        assert completion["usage"]["completion_tokens"] == 16  # completions keep OpenAI's default of 16
+    finally:
+        s.stop()
+
+
+def test_neutral_fields_are_accepted_and_others_refused_by_name(server):
+    plain = _post(server, "/v1/completions", {**BASE, "temperature": 0}).json()["choices"][0]["text"]
+    neutral = {"logit_bias": {}, "response_format": {"type": "text"}, "parallel_tool_calls": True, "best_of": 1,
+               "tools": [], "tool_choice": "none", "store": False, "metadata": {"a": "b"}, "service_tier": "auto",
+               "user": "u", "suffix": "", "logprobs": None, "presence_penalty": 0, "frequency_penalty": 0}
+    r = _post(server, "/v1/completions", {**BASE, "temperature": 0, **neutral})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain, r.text
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "modalities": ["text"],
+            "logit_bias": None, "parallel_tool_calls": False, "response_format": {"type": "text"}}
+    assert _post(server, "/v1/chat/completions", chat).status_code == 200
+    for field, value in [("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}), ("suffix", "x"),
+                         ("tools", [{"type": "function"}]), ("tool_choice", "required"), ("best_of", 3)]:
+        r = _post(server, "/v1/completions", {**BASE, field: value})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
+
+
+def test_auth_scheme_is_case_insensitive(server):
+    for header, status in [(f"bearer {KEY}", 200), (f"BEARER {KEY}", 200), (f"Bearer  {KEY}", 200),
+                           (f"Basic {KEY}", 401), (KEY, 401), ("Bearer", 401), (f"Bearer {KEY}x", 401)]:
+        assert httpx.get(server.url + "/v1/models", headers={"Authorization": header}).status_code == status, header
+
+
+def test_lone_surrogates_are_named(server):
+    for path, content, where in [("/v1/completions", b'{"model": "tiny", "prompt": "ab\\ud800c"}', "prompt"),
+                                 ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", '
+                                  b'"content": "x\\udfff"}]}', "messages.0.content")]:
+        r = _post(server, path, content=content)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == where, r.text
+        assert err["message"].startswith(f"{where}: character ") and "half of a UTF-16 surrogate pair" in err["message"]
+    pair = b'{"model": "tiny", "prompt": "ab\\ud83d\\ude00", "max_tokens": 2}'  # both halves: an emoji
+    assert _post(server, "/v1/completions", content=pair).status_code == 200
+
+
 def test_serve_limits_fit_the_context():
     from argparse import Namespace
 
@@ -385,7 +468,7 @@ def _poll(url, done, tries=200):
 
 def test_clients_that_leave_free_the_queue_and_the_worker(roster, monkeypatch):
     """Queued jobs of clients that gave up are dropped; a running batch whose stream closed stops early."""
-    import roe.server as server_module
+    import roe.server.scheduler as server_module
 
     steps = []  # per batch the worker ran: decode steps taken
     real = server_module.decode_steps
@@ -431,7 +514,7 @@ def test_clients_that_leave_free_the_queue_and_the_worker(roster, monkeypatch):
 def test_shutdown_answers_queued_503_and_bounds_the_wait(roster, monkeypatch):
     """Shutdown (what SIGTERM triggers; tests/test_server_process.py sends a real one): queued jobs answer 503 at
     once, new ones too, and a running job that outlasts the graceful timeout answers 503 instead of a hang."""
-    import roe.server as server_module
+    import roe.server.scheduler as server_module
 
     real = server_module.decode_steps
 

@@ -185,6 +185,53 @@ def test_sigterm_answers_queued_503_finishes_running_and_exits(tmp_path, tiny_pa
         assert running.status_code == 200 and running.json()["usage"]["completion_tokens"] == 60  # finished
         assert [r.status_code for r in queued] == [503] * 11  # answered at once, not drained
         assert all("shutting down" in r.json()["error"]["message"] for r in queued)
-        assert p.proc.wait(60) in (0, -signal.SIGTERM)
+        assert p.proc.wait(60) == 0
     finally:
         p.stop()
+
+
+async def _stream_lines(c, url, body):
+    """A stream's `data:` lines, read to the end (httpx raises if the chunked body is cut without its terminator)."""
+    async with c.stream("POST", url, json=body) as r:
+        assert r.status_code == 200
+        return [line async for line in r.aiter_lines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("sig, stream", [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_shutdown_ends_running_requests_and_exits_0(tmp_path, tiny_path, sig, stream):
+    """A request (n=2) still running at the graceful timeout: a stream ends with an error event and [DONE], a plain
+    request answers 503; the process exits 0 within the timeout plus a second, with no traceback and no abort."""
+    graceful = 0.2
+    p = _Process(tmp_path, tiny_path("olmoe"), "-k", "64", "--tau", "0.3", "--max-tokens", "120",
+                 "--timeout-graceful-shutdown", str(graceful))
+    url = p.url + "/v1/completions"
+    body = {"model": "builtin", "prompt": "hello", "max_tokens": 120, "temperature": 0, "n": 2, "stream": stream}
+    try:
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as c:
+                request = asyncio.ensure_future(_stream_lines(c, url, body) if stream else c.post(url, json=body))
+                for _ in range(1500):  # bounded: until its batch runs (120 steps at K = 64: seconds)
+                    if (await c.get(p.url + "/health")).json()["running"] == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                p.proc.send_signal(sig)
+                sent = time.perf_counter()
+                return await request, sent
+
+        answer, sent = asyncio.run(main())
+        code = p.proc.wait(10)
+        exited = time.perf_counter() - sent
+        if stream:
+            assert answer[-1] == "data: [DONE]", answer[-3:]  # (the error says it was running, not queued)
+            error = json.loads(answer[-2][6:])["error"]
+            assert error["message"] == "the server shut down before this request finished", error
+            assert error["type"] == "server_error"
+        else:
+            assert answer.status_code == 503 and "shut down before this request finished" in answer.text
+        assert code == 0 and exited < graceful + 1.0, (code, exited)
+    finally:
+        p.stop()
+    with open(p.log.name) as f:
+        log = f.read()
+    for bad in ("Traceback", "terminate called", "CancelledError", "Exception in ASGI"):
+        assert bad not in log, log[-3000:]

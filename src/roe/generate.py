@@ -46,6 +46,9 @@ class Completion:
     # with top_logprobs: per generated token, and the EOS that ended the completion, (token id, its log-prob,
     # the top_logprobs most likely (id, log-prob) pairs) under the aggregated distribution that picked it
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    # characters at the end of `text` that are not final yet (they could still become a stop string, or are an
+    # unfinished multi-byte character); None: not tracked (new_text then works it out from the text)
+    held: int | None = None
 
 
 def choose_next(logprobs: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
@@ -72,6 +75,61 @@ def _stop_window(stops: Sequence[str]) -> int:
     stops). A stop of L characters spans at most L + 1 tokens; the margin covers what decoding a slice alone
     changes at its start (a split multi-byte character, a leading space the tokenizer drops)."""
     return 2 * max(map(len, stops)) + 8 if stops else 0
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP: f[i] = the length of the longest proper prefix of s[: i + 1] that is also its suffix."""
+    f = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
+class StopMatcher:
+    """Finds stop strings in a completion's growing text, looking at each new character once per stop string (a
+    KMP automaton each): O(new text x number of stops) per step, whatever the stop strings' length (searching
+    the text's tail for each stop, and testing each of its prefixes against the end, cost O(its length) and
+    O(its length squared) per step). A trailing U+FFFD (a multi-byte character not finished yet) is not fed until
+    the tokens after it settle it."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.fail = [_prefix_function(s) for s in self.stops]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.states = [0] * len(self.stops)  # per stop: how much of it the fed text ends with
+        self.fed = ""
+
+    def feed(self, text: str) -> int | None:
+        """text: the whole text so far. -> where the earliest stop string in it starts, or None."""
+        stable = text.rstrip("\ufffd")
+        if not stable.startswith(self.fed):  # the tokenizer rewrote what it had decoded: start over
+            self._reset()
+        first = None
+        for pos in range(len(self.fed), len(stable)):
+            c = stable[pos]
+            for j, s in enumerate(self.stops):
+                k, f = self.states[j], self.fail[j]
+                while k and s[k] != c:
+                    k = f[k - 1]
+                if s[k] == c:
+                    k += 1
+                if k == len(s):  # a whole stop string ends here
+                    first = pos - k + 1 if first is None else min(first, pos - k + 1)
+                    k = f[k - 1]
+                self.states[j] = k
+        self.fed = stable
+        return first
+
+    def held(self, text: str) -> int:
+        """Characters at the end of `text` (as last fed) that could still become a stop string, or are unfinished."""
+        return len(text) - len(self.fed) + max(self.states, default=0)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -109,6 +167,7 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
     eos = roster.eos_token_ids
     decode = partial(roster.tokenizer.decode, skip_special_tokens=True)
     window = _stop_window(params.stop)
+    matchers = [StopMatcher(params.stop) for _ in range(B)] if text_each_step else None
     for _ in range(params.max_new_tokens):
         logprobs = run.decode(current, alive)  # [B, V], aggregated over the K samples
         nxt = choose_next(logprobs, params, generators).cpu()
@@ -129,12 +188,11 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
                 continue
             out.token_ids.append(tok)
             if text_each_step:
-                text = decode(out.token_ids)
+                stopped = _update_text(out, decode(out.token_ids), matchers[b])
             elif window and _cut_at_stop(decode(out.token_ids[-window:]), params.stop)[1]:
-                text = decode(out.token_ids)  # the exact text, where the stop string ends
+                out.text, stopped = _cut_at_stop(decode(out.token_ids), params.stop)  # where the stop string ends
             else:
                 continue
-            out.text, stopped = _cut_at_stop(text, params.stop)
             if stopped:
                 out.finish_reason = "stop"
                 alive[b] = False
@@ -150,9 +208,20 @@ def decode_steps(roster, prompt_ids: list[list[int]], params: SamplingParams, se
     yield outs
 
 
+def _update_text(out: Completion, text: str, matcher: StopMatcher) -> bool:
+    """The completion's text is now `text`, cut at a stop string if one formed (-> True)."""
+    cut = matcher.feed(text)
+    out.text = text if cut is None else text[:cut]
+    out.held = matcher.held(text)
+    return cut is not None
+
+
 def new_text(out: Completion, sent: int, stops: Sequence[str]) -> str:
     """The part of a completion's text after `sent` characters that is final (no stop string can still form there)."""
-    upto = len(out.text) if out.finish_reason is not None else len(out.text) - _held_back(out.text, stops)
+    if out.finish_reason is not None:
+        upto = len(out.text)
+    else:
+        upto = len(out.text) - (_held_back(out.text, stops) if out.held is None else out.held)
     return out.text[sent:upto] if upto > sent else ""
 
 
