@@ -19,9 +19,9 @@ RoE settings travel in an extra `roe` object, which the `openai` client sends wi
 from .app import create_app  # (first: pydantic is the package a missing server stack is reported by)
 from .api_server import cmd_serve, make_server, serve  # noqa: I001
 from .cli_args import Limits, add_parser, serve_limits
-from .protocol import APIError
+from .protocol import APIError, ChatMessage
 from .scoring import score_positions
 from .serving_chat import chat_prompt
 
-__all__ = ["APIError", "Limits", "add_parser", "chat_prompt", "cmd_serve", "create_app", "make_server",
+__all__ = ["APIError", "ChatMessage", "Limits", "add_parser", "chat_prompt", "cmd_serve", "create_app", "make_server",
            "score_positions", "serve", "serve_limits"]
