@@ -59,7 +59,7 @@ def reference_next_logprobs(roster, tokens, cache):
     return aggregate(torch.stack(logits)[None], roster.config.aggregate)[0]
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", *SLIDING])
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2", *SLIDING])
 @pytest.mark.parametrize("cache", ["clean", "full"])
 @pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt
 def test_batched_engine_matches_reference(arch, cache, skip, tiny_path):

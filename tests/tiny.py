@@ -35,6 +35,11 @@ ARCHS = {
                   moe_intermediate_size=16, n_shared_experts=1, head_dim=8),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_layer_start_index=0,
                          moe_num_shared_experts=0, head_dim=8),
+    # DeepSeek-like (arch-c)
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                        topk_method="group_limited_greedy", routed_scaling_factor=1.5, first_k_dense_replace=1,
+                        moe_intermediate_size=16, n_shared_experts=1, q_lora_rank=None, kv_lora_rank=16,
+                        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4),
 }
 
 # sliding-window variants of the architectures that have one: name -> (model_type, config overrides).

@@ -66,6 +66,8 @@ register("deepseek_v3", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("glm4_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
+# DeepSeek-like (arch-c)
+register("deepseek_v2", RouterAdapter("mlp", "gate", routing.softmax_group_limited))
 
 
 def supported_architectures() -> list[str]:

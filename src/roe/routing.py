@@ -251,3 +251,30 @@ def softmax_bias_topk(router, logits: torch.Tensor, noise: torch.Tensor):
     idx = torch.topk(noisy, router.top_k, dim=-1).indices
     weights = probs.gather(-1, idx)
     return weights / weights.sum(dim=-1, keepdim=True).clamp(min=router.norm_min), idx
+
+
+# --- DeepSeek-like families (arch-c) ---
+
+
+def softmax_group_limited(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Softmax scores, top-k (`topk_method` "greedy") or group-limited top-k ("group_limited_greedy"), weights
+    times `routed_scaling_factor`, never renormalised (DeepSeek-V2, V2-Lite, V2.5).
+
+    The ranked quantity is softmax(R), whose ranking is that of R, so the noise goes on R before the softmax; the
+    group limit (each group scored by its best expert) then applies to the perturbed scores, as the model applies
+    it to its clean ones. Weights are the clean softmax probabilities of the chosen experts.
+    """
+    logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    choice = F.softmax(logits + noise, dim=-1)
+    if router.topk_method == "group_limited_greedy":
+        T, E = choice.shape
+        groups = router.num_group
+        group_scores = choice.view(T, groups, E // groups).max(dim=-1).values  # [T, groups]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // groups, dim=1), 0.0)  # as the model: 0, not -inf
+    elif router.topk_method != "greedy":
+        raise ValueError(f"RoE does not know DeepSeek-V2's topk_method {router.topk_method!r}")
+    idx = choice.topk(router.top_k, dim=-1).indices
+    return probs.gather(-1, idx) * router.routed_scaling_factor, idx
