@@ -68,6 +68,8 @@ register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
 # DeepSeek-like (arch-c)
 register("deepseek_v2", RouterAdapter("mlp", "gate", routing.softmax_group_limited))
+register("deepseek_v32", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # + sparse attention (indexer.py)
+register("glm_moe_dsa", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # + sparse attention (indexer.py)
 
 
 def supported_architectures() -> list[str]:
@@ -209,6 +211,9 @@ def patch(model: nn.Module) -> list[nn.Module]:
         hooks = [r.register_forward_hook(partial(_router_hook, i, select)) for i, r in enumerate(routers)]
         hooks += [layer.register_forward_pre_hook(partial(_layer_pre_hook, i), with_kwargs=True)
                   for i, layer in enumerate(_decoder_layers(model))]
+        from . import indexer  # sparse-attention indexers (DSA) get their mask under the clean cache
+
+        hooks += indexer.install(_decoder_layers(model))
         model._roe_hooks = hooks
     return routers
 
