@@ -70,6 +70,12 @@ register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk)
 register("deepseek_v2", RouterAdapter("mlp", "gate", routing.softmax_group_limited))
 register("deepseek_v32", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # + sparse attention (indexer.py)
 register("glm_moe_dsa", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # + sparse attention (indexer.py)
+register("hy_v4", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # + sparse attention, sinks
+register("solar_open", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("mimo_v2_flash", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("axk1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("sarvam_mla", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # loads as DeepseekV3ForCausalLM
+register("kolibri1", RouterAdapter("mlp", "gate", routing.biased_logit_topk_sigmoid))
 
 
 def supported_architectures() -> list[str]:

@@ -278,3 +278,18 @@ def softmax_group_limited(router, logits: torch.Tensor, noise: torch.Tensor):
         raise ValueError(f"RoE does not know DeepSeek-V2's topk_method {router.topk_method!r}")
     idx = choice.topk(router.top_k, dim=-1).indices
     return probs.gather(-1, idx) * router.routed_scaling_factor, idx
+
+
+def biased_logit_topk_sigmoid(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Top-k of the logits plus a correction bias, weights the sigmoid of the chosen logits, renormalised where
+    `norm_topk_prob` says (Kolibri-1).
+
+    The ranked quantity R + bias is in logit space already, so the noise goes on it (on R); the bias shifts the
+    choice only. Weights are the clean sigmoid scores of the chosen experts.
+    """
+    logits = logits.float()
+    idx = torch.topk(logits + noise + router.e_score_correction_bias.float(), router.top_k, dim=-1).indices
+    weights = logits.gather(-1, idx).sigmoid()
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, idx
