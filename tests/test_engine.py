@@ -60,8 +60,8 @@ def reference_next_logprobs(roster, tokens, cache):
 
 
 # glm_moe_dsa: sparse attention, its indexer choosing 4 keys, fewer than the sequences hold (-all-keys: all; deepseek_v32
-# runs the same code: the same indexer, without shared layers)
-@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2", "glm_moe_dsa",
+# runs the same code: the same indexer, without shared layers); hy_v4: sparse attention with sinks, hyper-connections
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2", "glm_moe_dsa", "hy_v4",
                                   *VARIANTS, *SLIDING])
 @pytest.mark.parametrize("cache", ["clean", "full"])
 @pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt

@@ -226,3 +226,39 @@ def test_softmax_group_limited_is_gumbel_top_k(method):
     obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
     exp = [expected[s] * draws for s in keys] + [rest * draws]
     assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_biased_logit_topk_sigmoid_without_noise_is_kolibri1s_router():
+    from transformers import AutoConfig
+    from transformers.models.kolibri1.modeling_kolibri1 import Kolibri1TopKRouter
+
+    for norm in (True, False):
+        cfg = AutoConfig.for_model("kolibri1", hidden_size=16, num_attention_heads=4, num_experts=8,
+                                   num_experts_per_tok=2, norm_topk_prob=norm)
+        router = Kolibri1TopKRouter(cfg)
+        g = torch.Generator().manual_seed(0)
+        torch.nn.init.normal_(router.weight, generator=g)
+        router.e_score_correction_bias.normal_(generator=g)
+        logits, weights, idx = router(torch.randn(64, 16, generator=g))
+        w, i = routing.biased_logit_topk_sigmoid(router, logits, torch.zeros_like(logits))
+        assert torch.equal(i, idx)
+        torch.testing.assert_close(w, weights)
+
+
+def test_biased_logit_topk_sigmoid_is_gumbel_top_k():
+    """The ranked quantity is R + bias: its choice is Gumbel-top-k of R + bias."""
+    router = _Router()
+    bias = torch.tensor([0.3, -0.2, 0.0, 0.5, -0.4])
+    router.e_score_correction_bias, router.norm_topk_prob = bias, True
+    draws, tau = 40_000, 0.7
+    noise = _draws("engine", draws, LOGITS.numel()) * tau
+    _, idx = routing.biased_logit_topk_sigmoid(router, LOGITS.expand(draws, -1), noise)
+    counts = {}
+    for row in idx.sort(dim=-1).values.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    expected = _expected_set_probs(LOGITS + bias, tau)
+    keys = [s for s, q in expected.items() if q * draws >= 5]
+    rest = 1 - sum(expected[s] for s in keys)
+    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
+    exp = [expected[s] * draws for s in keys] + [rest * draws]
+    assert chisquare(obs, exp).pvalue > 1e-3
