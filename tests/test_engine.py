@@ -10,7 +10,7 @@ from roe import RoEConfig, RosterOfExperts
 from roe.adapters import ACTIVE, RoutingNoise, cache_kwargs
 from roe.engine import aggregate
 from roe.routing import python_gumbel
-from tiny import SLIDING
+from tiny import SLIDING, VARIANTS
 
 K, TAU, SEED = 4, 0.8, 5
 
@@ -64,7 +64,11 @@ def reference_next_logprobs(roster, tokens, cache):
 ARCH_B = ["llama4_text", "jetmoe", "longcat_flash"]
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "afmoe", *SLIDING, *ARCH_B])  # afmoe: gated attention, NoPE
+# glm_moe_dsa: sparse attention, its indexer choosing 4 keys, fewer than the sequences hold (-all-keys: all; deepseek_v32
+# runs the same code: the same indexer, without shared layers); hy_v4: sparse attention with sinks, hyper-connections
+# afmoe: gated attention, NoPE
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2", "glm_moe_dsa", "hy_v4", "afmoe",
+                                  *VARIANTS, *SLIDING, *ARCH_B])
 @pytest.mark.parametrize("cache", ["clean", "full"])
 @pytest.mark.parametrize("skip", [0, 1])  # skip 1: clean leading layers, computed once per prompt
 def test_batched_engine_matches_reference(arch, cache, skip, tiny_path):
@@ -223,3 +227,30 @@ def test_decode_step_dispatches_the_same_operations_for_every_k(cache, tiny_path
     prompt = torch.randint(3, roster.model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     counts = {k: kernels_per_token(roster.with_config(num_samples=k), prompt, "roe") for k in (2, 8, 32)}
     assert counts[2] == counts[8] == counts[32] > kernels_per_token(roster, prompt, "base") // 2
+
+
+@pytest.mark.parametrize("arch", ["glm_moe_dsa", "deepseek_v32"])
+def test_sparse_attention_references_agree(arch, tiny_path):
+    """The references above use both of transformers' paths through a sparse-attention indexer: the clean cache's
+    a cached history plus one token, the full cache's the whole sequence at once. With index_topk (4) below the
+    sequence they could disagree (on real checkpoints, an indexer's exact ties at 0, its ReLU'd scores, fall to
+    topk's tie-breaking, which depends on the shape); on these checkpoints they agree, so either is the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path(arch)).eval()
+    assert model.config.index_topk < 16
+    ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits[0]
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :4], **cache_kwargs(model, cache), use_cache=True)
+        steps = torch.stack([model(ids[:, i : i + 1], **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+                             for i in range(4, 16)])
+    torch.testing.assert_close(steps, full[4:], atol=1e-4, rtol=1e-4)
+    # the indexer's choice matters: reading every key gives other logits
+    model.config.index_topk = 64
+    for layer in model.model.layers:
+        if getattr(layer.self_attn, "indexer", None) is not None:
+            layer.self_attn.indexer.index_topk = 64
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits[0, 4:], full[4:], atol=1e-2)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig
 
 from roe import RoEConfig, RosterOfExperts, adapters, supported_architectures
-from tiny import ARCHS, MULTIMODAL, SLIDING, save_tiny_multimodal, tiny_config
+from tiny import ARCHS, MULTIMODAL, SLIDING, VARIANTS, save_tiny_multimodal, tiny_config
 
 PROMPTS = ["The cat sat", "2+2="]
 
@@ -37,7 +37,7 @@ def _base_logprobs(model, tok, context, continuation):
     return float(logp[0, n_ctx - 1 : -1].gather(-1, ids[0, n_ctx:, None]).sum())
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS) + sorted(SLIDING))
+@pytest.mark.parametrize("arch", sorted(ARCHS) + sorted(SLIDING) + sorted(VARIANTS))
 def test_tau_zero_and_k_one_are_the_base_model(arch, tiny_path):
     path = tiny_path(arch)
     clean = RosterOfExperts.from_pretrained(path, roe=RoEConfig(num_samples=4, tau=0.0))

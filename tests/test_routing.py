@@ -382,3 +382,88 @@ def test_arch_b_weights_are_the_models_own():
     w, idx = routing.softmax_bias_scaled(router, logits, torch.tensor([[0.0, -1.5, 0.0, 0.0]]))
     assert sorted(idx[0].tolist()) == [0, 3]  # the bias counts in the ranking, not in the weights
     torch.testing.assert_close(w, probs.gather(-1, idx) * 2.5)
+
+
+# --- DeepSeek-like families (arch-c) ---
+
+
+def _deepseek_v2_router(method, groups=4, topk_group=2):
+    from transformers import AutoConfig
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    cfg = AutoConfig.for_model("deepseek_v2", hidden_size=16, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                               n_group=groups, topk_group=topk_group, topk_method=method, routed_scaling_factor=1.5)
+    router = DeepseekV2TopkRouter(cfg)
+    torch.nn.init.normal_(router.weight, generator=torch.Generator().manual_seed(0))
+    return router
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_softmax_group_limited_without_noise_is_deepseek_v2s_router(method):
+    router = _deepseek_v2_router(method)
+    hidden = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    logits, weights, idx = router(hidden)
+    w, i = routing.softmax_group_limited(router, logits, torch.zeros_like(logits))
+    order, mine = idx.sort(-1), i.sort(-1)
+    assert torch.equal(order.values, mine.values)
+    torch.testing.assert_close(weights.gather(-1, order.indices), w.gather(-1, mine.indices))
+    # noise large enough moves the choice; the group limit holds on the perturbed scores
+    noise = torch.zeros_like(logits)
+    noise[:, 7] = 50.0
+    _, i = routing.softmax_group_limited(router, logits, noise)
+    assert (i == 7).any(-1).all()
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_softmax_group_limited_is_gumbel_top_k(method):
+    """One group kept of one (the group limit keeps every expert): the choice is Gumbel-top-k of the logits."""
+    router = _deepseek_v2_router(method, groups=1, topk_group=1)
+    logits = torch.cat([LOGITS, torch.tensor([-2.0, 0.7, -0.5])])
+    draws, tau = 40_000, 0.7
+    noise = _draws("engine", draws, logits.numel()) * tau
+    _, idx = routing.softmax_group_limited(router, logits.expand(draws, -1), noise)
+    counts = {}
+    for row in idx.sort(dim=-1).values.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    expected = _expected_set_probs(logits, tau)
+    keys = [s for s, q in expected.items() if q * draws >= 5]
+    rest = 1 - sum(expected[s] for s in keys)
+    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
+    exp = [expected[s] * draws for s in keys] + [rest * draws]
+    assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_biased_logit_topk_sigmoid_without_noise_is_kolibri1s_router():
+    from transformers import AutoConfig
+    from transformers.models.kolibri1.modeling_kolibri1 import Kolibri1TopKRouter
+
+    for norm in (True, False):
+        cfg = AutoConfig.for_model("kolibri1", hidden_size=16, num_attention_heads=4, num_experts=8,
+                                   num_experts_per_tok=2, norm_topk_prob=norm)
+        router = Kolibri1TopKRouter(cfg)
+        g = torch.Generator().manual_seed(0)
+        torch.nn.init.normal_(router.weight, generator=g)
+        router.e_score_correction_bias.normal_(generator=g)
+        logits, weights, idx = router(torch.randn(64, 16, generator=g))
+        w, i = routing.biased_logit_topk_sigmoid(router, logits, torch.zeros_like(logits))
+        assert torch.equal(i, idx)
+        torch.testing.assert_close(w, weights)
+
+
+def test_biased_logit_topk_sigmoid_is_gumbel_top_k():
+    """The ranked quantity is R + bias: its choice is Gumbel-top-k of R + bias."""
+    router = _Router()
+    bias = torch.tensor([0.3, -0.2, 0.0, 0.5, -0.4])
+    router.e_score_correction_bias, router.norm_topk_prob = bias, True
+    draws, tau = 40_000, 0.7
+    noise = _draws("engine", draws, LOGITS.numel()) * tau
+    _, idx = routing.biased_logit_topk_sigmoid(router, LOGITS.expand(draws, -1), noise)
+    counts = {}
+    for row in idx.sort(dim=-1).values.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    expected = _expected_set_probs(LOGITS + bias, tau)
+    keys = [s for s, q in expected.items() if q * draws >= 5]
+    rest = 1 - sum(expected[s] for s in keys)
+    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
+    exp = [expected[s] * draws for s in keys] + [rest * draws]
+    assert chisquare(obs, exp).pvalue > 1e-3

@@ -46,7 +46,7 @@ def _counting():
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe-sliding", "llama4_text",
-                                  "qwen3_next"])  # qwen3_next: recurrent + conv states (hybrid)
+                                  "qwen3_next", "glm_moe_dsa"])  # qwen3_next: recurrent + conv states (hybrid)
 def test_decode_step_is_one_graph_that_matches_eager(arch, tiny_path):
     """fullgraph=True raises on any graph break; a counting backend shows one graph for every step and pass."""
     roster = _roster(tiny_path(arch))
@@ -112,7 +112,7 @@ def test_the_compiled_step_grows_past_its_capacity_eagerly(tiny_path):
     assert run.capacity > capacity
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "gpt_oss", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "gpt_oss", "qwen3_next", "glm_moe_dsa"])
 def test_decode_step_never_waits_for_the_device(arch, tiny_path):
     roster = _roster(tiny_path(arch))
     ids = [roster.tokenizer(p).input_ids for p in PROMPTS]

@@ -13,6 +13,16 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden
               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
               bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+# DeepSeek-V3's MLA and shared expert, for the types that reuse them (A.X-K1, Sarvam-MLA)
+MLA = dict(n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=16,
+           n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+           num_key_value_heads=4)
+
+# DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): MLA plus an indexer that keeps the index_topk best keys
+DSA = dict(n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=16,
+           n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+           num_key_value_heads=4, index_topk=4, index_head_dim=8, index_n_heads=8)
+
 # model_type -> the extra config fields that make it a small MoE (8 experts, top-2 unless the router needs groups)
 ARCHS = {
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
@@ -125,6 +135,25 @@ ARCHS = {
                                            topk_method="group_limited_greedy", moe_intermediate_size=16,
                                            n_shared_experts=1, routed_scaling_factor=1.5, head_dim=8,
                                            mlp_layer_types=["dense"] + ["sparse"] * 3)),
+    # DeepSeek-like (arch-c)
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                        topk_method="group_limited_greedy", routed_scaling_factor=1.5, first_k_dense_replace=1,
+                        moe_intermediate_size=16, n_shared_experts=1, q_lora_rank=None, kv_lora_rank=16,
+                        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4),
+    # sparse attention (DSA): index_topk below the test sequences' lengths, so the indexer's choice matters
+    "deepseek_v32": dict(DSA, n_group=4, topk_group=2),
+    "glm_moe_dsa": dict(DSA, n_group=1, topk_group=1, indexer_types=["full", "shared", "full", "shared"]),
+    "hy_v4": dict(DSA, n_group=4, topk_group=2, indexer_types=["full", "shared", "full", "shared"], hc_mult=2),
+    "solar_open": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16,
+                       n_shared_experts=1, head_dim=8, routed_scaling_factor=1.5),
+    "mimo_v2_flash": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16,
+                          head_dim=12, v_head_dim=8, sliding_window=4,
+                          layer_types=["sliding_attention", "full_attention"] * 2),
+    "axk1": dict(MLA, n_group=4, topk_group=2),
+    "sarvam_mla": dict(MLA, n_group=4, topk_group=2),
+    "kolibri1": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                     head_dim=8, norm_topk_prob=True, sliding_window=4,
+                     layer_types=["sliding_attention", "full_attention"] * 2),
 }
 
 # the tiny vision towers of the multimodal entries above (never run: RoE's prompts are text)
@@ -181,6 +210,12 @@ SLIDING = {
     "dots1-sliding": ("dots1", dict(sliding_window=4, max_window_layers=2)),
 }
 
+# other variants: name -> (model_type, config overrides). The sparse-attention indexers with index_topk above every
+# test sequence (every key is read: the indexer changes nothing, and every path must agree exactly)
+VARIANTS = {
+    "glm_moe_dsa-all-keys": ("glm_moe_dsa", dict(index_topk=64)),
+}
+
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
 
@@ -195,7 +230,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(arch: str):
-    model_type, overrides = SLIDING.get(arch, (arch, {}))
+    model_type, overrides = {**SLIDING, **VARIANTS}.get(arch, (arch, {}))
     fields = {**ARCHS[model_type], **overrides}
     if "text_config" in fields:  # a multimodal checkpoint: the tiny language model is its text_config
         text = {**COMMON, **fields.pop("text_config")}

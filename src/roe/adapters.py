@@ -110,6 +110,16 @@ register("deepseek_v3", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("glm4_moe", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("dots1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
 register("ernie4_5_moe", RouterAdapter("mlp", "gate", routing.softmax_bias_topk))
+# DeepSeek-like (arch-c)
+register("deepseek_v2", RouterAdapter("mlp", "gate", routing.softmax_group_limited))
+register("deepseek_v32", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # + sparse attention (indexer.py)
+register("glm_moe_dsa", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # + sparse attention (indexer.py)
+register("hy_v4", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # + sparse attention, sinks
+register("solar_open", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("mimo_v2_flash", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("axk1", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))
+register("sarvam_mla", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # loads as DeepseekV3ForCausalLM
+register("kolibri1", RouterAdapter("mlp", "gate", routing.biased_logit_topk_sigmoid))
 
 # --- arch-a: issue 23's registry-only types and the sigmoid-bias / Cohere2 / sparsemixer families ---
 register("glm4_moe_lite", RouterAdapter("mlp", "gate", routing.sigmoid_grouped))  # DeepSeek-V3's router, MLA
@@ -511,6 +521,9 @@ def patch(model: nn.Module) -> list[nn.Module]:
             hooks = [r.register_forward_hook(partial(_forward_hook, i, adapter, r)) for i, r in enumerate(routers)]
         hooks += [layer.register_forward_pre_hook(partial(_layer_pre_hook, i), with_kwargs=True)
                   for i, layer in enumerate(_decoder_layers(model))]
+        from . import indexer  # sparse-attention indexers (DSA) get their mask under the clean cache
+
+        hooks += indexer.install(_decoder_layers(model))
         model._roe_hooks = hooks
     return routers
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 from . import experts as expert_dispatch
+from . import indexer as sparse_index
 from .adapters import ACTIVE, LAYER_INPUTS, ThreadSlot, attention_owners, cache_argument, find_moe_layers, text_config
 from .routing import gumbel_noise
 from .state import (RecurrentStates, check_clean_support, has_recurrent_state, own_cache_class, state_bytes,
@@ -141,6 +142,11 @@ class _Step:
 
         return tuple(grow(a) for a in args), {n: grow(v) for n, v in kwargs.items()}
 
+    def indexer_mask(self, layer: int) -> torch.Tensor:
+        """The mask a sparse-attention indexer scores its keys with (indexer.py): [rows, 1, S, kv_len + S]."""
+        k = self.rows_per_prompt(layer)
+        return self.remember(("indexer", k), lambda: sparse_index.keys_mask(_allowed(self, None), k))
+
 
 _CLEAN = ThreadSlot()  # the _Step of the clean-cache forward running on this thread
 
@@ -163,6 +169,7 @@ class CleanCache(RecurrentStates):
         self.length = 0  # slots written so far (host-side bookkeeping; the step itself reads `slots`)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.indexer_keys: dict[int, torch.Tensor] = {}  # sparse-attention indexers' keys [B, capacity, D]
         self.static_addresses = static_addresses  # CUDA graphs: buffers keep their address across replays
         self._init_states()
 
@@ -189,11 +196,22 @@ class CleanCache(RecurrentStates):
         self.values[layer_idx].index_copy_(2, step.slots, value_states[::k])
         return key_states, value_states
 
+    def update_indexer(self, key_states, layer_idx, *args, **kwargs):
+        """A sparse-attention indexer's keys [rows, S, D]: the clean rows' are stored at the step's slots; returns
+        [rows, kv_len + S, D], the clean history's keys then the rows' own (the layout of indexer.py)."""
+        step = _CLEAN.get()
+        k = step.rows_per_prompt(layer_idx)
+        if layer_idx not in self.indexer_keys:
+            self.indexer_keys[layer_idx] = self._buffer(key_states[::k])  # [B, capacity, D]
+        self.indexer_keys[layer_idx].index_copy_(1, step.slots, key_states[::k])
+        history = self.indexer_keys[layer_idx][:, : step.valid.shape[1]]
+        return torch.cat([history.repeat_interleave(k, 0), key_states], dim=1)
+
     def history(self, layer_idx: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer_idx][:, :, :kv_len], self.values[layer_idx][:, :, :kv_len]
 
     def grow(self, capacity: int) -> None:
-        for store in (self.keys, self.values):
+        for store in (self.keys, self.values, self.indexer_keys):
             for i, old in store.items():
                 new = old.new_zeros(*old.shape[:-2], capacity, old.shape[-1])
                 new[..., : self.capacity, :] = old
@@ -209,7 +227,7 @@ class CleanCache(RecurrentStates):
 
     def stored_bytes(self) -> int:
         """Bytes of the slots written so far (the buffers hold `capacity` slots)."""
-        return sum(t[..., : self.length, :].numel() * t.element_size() for s in (self.keys, self.values)
+        return sum(t[..., : self.length, :].numel() * t.element_size() for s in (self.keys, self.values, self.indexer_keys)
                    for t in s.values()) + self.state_bytes()
 
 
@@ -310,12 +328,23 @@ def _fused_mask(step: _Step, k: int, groups: int, window: int | None, chunk: int
     return step.remember(("fused", k, groups, window, chunk), make)
 
 
+def _selected_mask(step: _Step, picked, groups: int, window: int | None) -> torch.Tensor:
+    """The k == 1 fused mask [B, 1, G*S, kv_len] restricted to the keys a sparse-attention indexer chose
+    (picked: indexer.selection's history [B, 1, S, kv_len] and own [B, 1, S])."""
+    history = _allowed(step, window) & picked[0][:, 0]  # [B, S, kv_len]
+    own = step.slots[:, None] == torch.arange(history.shape[-1], device=history.device)[None, :]  # [S, kv_len]
+    mask = history | (own[None] & picked[1][:, 0, :, None])
+    return mask.repeat(1, groups, 1)[:, None]
+
+
 def clean_cache_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, s_aux=None, **kwargs
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, s_aux=None,
+    indices=None, **kwargs
 ):
     """Attention for K rows per prompt over one shared clean history.
 
-    query [B*K, Hq, S, D]; key/value: the rows' own chunk [B*K, Hkv, S, D].
+    query [B*K, Hq, S, D]; key/value: the rows' own chunk [B*K, Hkv, S, D]; indices [B*K, S, topk]: the keys a
+    sparse-attention indexer chose, in indexer.py's [history | own] layout (None: every key).
     Returns [B*K, S, Hq, Dv] like every transformers attention function.
     """
     if kwargs.get("softcap") is not None:
@@ -323,6 +352,8 @@ def clean_cache_attention(
     if getattr(module, "is_kv_shared_layer", False):  # Gemma 4's num_kv_shared_layers: no cache of its own
         raise NotImplementedError("RoE's clean cache does not hold layers that reuse another layer's keys/values "
                                   "(num_kv_shared_layers > 0): use cache='full'")
+    if indices is None and hasattr(module, "indexer"):  # a sparse-attention layer whose choice did not reach here
+        raise NotImplementedError("RoE's clean-cache attention got no sparse-attention indices from this model")
     step = _CLEAN.get()
     layer = module.layer_idx
     k = step.cache_rows_per_prompt(layer)
@@ -349,13 +380,14 @@ def clean_cache_attention(
     Dv = value.shape[-1]
     scaling = D**-0.5 if scaling is None else scaling
     sinks = s_aux if s_aux is not None else getattr(module, "sinks", None)
+    picked = None if indices is None else sparse_index.selection(indices, k, T)
 
     if sinks is None and k == 1:  # a prompt's single row: one fused kernel, the G query heads of a KV head folded
         q = query.reshape(B, Hkv, G * S, D)
-        mask = _fused_mask(step, 1, G, window, chunk)
+        mask = _fused_mask(step, 1, G, window, chunk) if picked is None else _selected_mask(step, picked, G, window)
         out = F.scaled_dot_product_attention(q, shared_k, shared_v, attn_mask=mask, scale=scaling)
         return out.view(B, Hq, S, Dv).transpose(1, 2).contiguous(), None  # [B, S, Hq, Dv]
-    if sinks is None and S == 1 and step.fold and not _compiling():
+    if sinks is None and S == 1 and step.fold and not _compiling() and picked is None:
         # eager decode: the K*G queries of a prompt folded into one SDPA call, own keys appended (fastest on
         # a CPU); the compiled step takes the general path below, which never copies the history
         q = query.view(B, k, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, k * G, D)
@@ -364,7 +396,7 @@ def clean_cache_attention(
         mask = _fused_mask(step, k, G, window, chunk)  # [B, 1, K*G, T+K]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)  # [B, Hkv, K*G, Dv]
         return out.view(B, Hkv, k, G, Dv).transpose(1, 2).reshape(N, 1, Hq, Dv), None
-    if sinks is None and S == 1 and not step.fold:  # unoptimised, for the benchmark's before/after row
+    if sinks is None and S == 1 and not step.fold and picked is None:  # unoptimised: the benchmark's before row
         keys = torch.cat([shared_k.repeat_interleave(k, 0), key], dim=2)  # [B*K, Hkv, T+1, D]
         values = torch.cat([shared_v.repeat_interleave(k, 0), value], dim=2)
         history = _allowed(step, window, chunk).repeat_interleave(k, 0)  # [B*K, 1, T]
@@ -375,11 +407,15 @@ def clean_cache_attention(
     q = query.view(B, k, Hkv, G, S, D).transpose(1, 2)  # [B, Hkv, K, G, S, D]
     scores = torch.matmul(q.reshape(B, Hkv, k * G * S, D), shared_k.transpose(2, 3))  # [B, Hkv, K*G*S, T]
     scores = scores.view(B, Hkv, k, G, S, T).float() * scaling
-    allowed = _allowed(step, window, chunk)  # [B, S, T]
-    scores = scores.masked_fill(~allowed[:, None, None, None], float("-inf"))
+    allowed = _allowed(step, window, chunk)[:, None]  # [B, 1, S, T]
+    if picked is not None:
+        allowed = allowed & picked[0]  # [B, K, S, T]
+    scores = scores.masked_fill(~allowed[:, None, :, None], float("-inf"))
 
     own_k = key.view(B, k, Hkv, 1, S, D).transpose(1, 2)  # [B, Hkv, K, 1, S, D]
     own = (q * own_k).sum(-1, keepdim=True).float() * scaling  # [B, Hkv, K, G, S, 1]
+    if picked is not None:
+        own = own.masked_fill(~picked[1][:, None, :, None, :, None], float("-inf"))
     parts = [scores, own]
     if sinks is not None:
         parts.append(sinks.float().view(1, Hkv, 1, G, 1, 1).expand(B, Hkv, k, G, S, 1))
@@ -635,6 +671,7 @@ class RoEPass:
         route_token = ACTIVE.set(step)
         widen_token = LAYER_INPUTS.set(step.widen)
         clean_token = _CLEAN.set(step)
+        index_token = sparse_index.INDEXER_MASK.set(step.indexer_mask if self.clean else None)
         try:
             if self.choose_dispatch and saved_experts == "grouped_mm":  # transformers' default; a user's choice stays
                 config._experts_implementation = expert_dispatch.AUTO
@@ -647,6 +684,7 @@ class RoEPass:
             if saved_experts is not None:
                 config._experts_implementation = saved_experts
             _CLEAN.reset(clean_token)
+            sparse_index.INDEXER_MASK.reset(index_token)
             LAYER_INPUTS.reset(widen_token)
             ACTIVE.reset(route_token)
 

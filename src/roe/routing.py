@@ -505,3 +505,45 @@ def sigmoid_expert_bias(router, logits: torch.Tensor, noise: torch.Tensor, exper
     if router.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
     return weights * router.routed_scaling_factor, idx
+
+
+# --- DeepSeek-like families (arch-c) ---
+
+
+def softmax_group_limited(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Softmax scores, top-k (`topk_method` "greedy") or group-limited top-k ("group_limited_greedy"), weights
+    times `routed_scaling_factor`, never renormalised (DeepSeek-V2, V2-Lite, V2.5).
+
+    The ranked quantity is softmax(R), whose ranking is that of R, so the noise goes on R before the softmax; the
+    group limit (each group scored by its best expert) then applies to the perturbed scores, as the model applies
+    it to its clean ones. Weights are the clean softmax probabilities of the chosen experts.
+    """
+    logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    choice = F.softmax(logits + noise, dim=-1)
+    if router.topk_method == "group_limited_greedy":
+        T, E = choice.shape
+        groups = router.num_group
+        group_scores = choice.view(T, groups, E // groups).max(dim=-1).values  # [T, groups]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // groups, dim=1), 0.0)  # as the model: 0, not -inf
+    elif router.topk_method != "greedy":
+        raise ValueError(f"RoE does not know DeepSeek-V2's topk_method {router.topk_method!r}")
+    idx = choice.topk(router.top_k, dim=-1).indices
+    return probs.gather(-1, idx) * router.routed_scaling_factor, idx
+
+
+def biased_logit_topk_sigmoid(router, logits: torch.Tensor, noise: torch.Tensor):
+    """Top-k of the logits plus a correction bias, weights the sigmoid of the chosen logits, renormalised where
+    `norm_topk_prob` says (Kolibri-1).
+
+    The ranked quantity R + bias is in logit space already, so the noise goes on it (on R); the bias shifts the
+    choice only. Weights are the clean sigmoid scores of the chosen experts.
+    """
+    logits = logits.float()
+    idx = torch.topk(logits + noise + router.e_score_correction_bias.float(), router.top_k, dim=-1).indices
+    weights = logits.gather(-1, idx).sigmoid()
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, idx
