@@ -18,7 +18,7 @@ def test_dtype_follows_hf_conventions():
     assert lm.roster.model.dtype == torch.bfloat16 and lm.roster.compile == "off"
     info = lm.get_model_info()
     assert info["model_dtype"] == "torch.bfloat16" and info["model_num_parameters"] > 0
-    with pytest.raises(ValueError, match="dtype must be auto or a torch dtype"):
+    with pytest.raises(ValueError, match="model_args dtype .float33. is not supported: use auto"):
         harness.RoELM(pretrained=path, dtype="float33")
 
 

@@ -31,14 +31,18 @@ COMMANDS = {
 
 
 def cmd_generate(args) -> int:
+    from .generate import SamplingParams
     from .options import load_roster
 
     if args.n < 1:
         raise ValueError(f"-n must be at least 1, got {args.n}")
-    roster = load_roster(args)
+    if not args.prompt:  # checked here too, so that an empty prompt fails before the model loads
+        raise ValueError("the prompt is empty: give at least one character of text")
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, stop=args.stop or None)
     if args.do_sample:
         kw.update(temperature=args.temperature, top_p=args.top_p)
+    SamplingParams(**kw)  # the same checks generate makes, before loading
+    roster = load_roster(args)
     if args.n > 1:  # n completions of the one prompt, each with its own seed
         for i, text in enumerate(roster.generate(args.prompt, n=args.n, **kw)):
             print(f"--- completion {i + 1} of {args.n} ---")

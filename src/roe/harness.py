@@ -34,13 +34,12 @@ def _number(value, kind, name):
 
 def _dtype(value):
     """lm-eval's `hf` spellings: "auto" (the checkpoint's own dtype, the default as in `hf`) or a torch dtype name."""
-    if value is None or value == "auto" or isinstance(value, torch.dtype):
-        return "auto" if value is None else value
-    dtype = getattr(torch, str(value), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"model_args dtype must be auto or a torch dtype such as bfloat16, float16, float32; "
-                         f"got {value!r}")
-    return dtype
+    from .loading import check_dtype
+
+    try:
+        return check_dtype(value)
+    except ValueError as e:
+        raise ValueError(f"model_args {e}") from None
 
 
 def _generation_args(gen_kwargs: dict, default_max: int) -> dict:
