@@ -12,6 +12,7 @@ import torch
 from . import adapters, loading
 from .config import RoEConfig
 from .engine import RoEPass
+from .memory import check_step_fits
 from .generate import Completion, SamplingParams, decode_steps, new_text
 from .routing import SEED_RANGE, layer_taus
 from .score import SCORE_BATCH  # noqa: F401  (re-exported: it lived here before)
@@ -121,12 +122,16 @@ class RosterOfExperts:
         return self.model
 
     def new_pass(self, seeds: list[int], record_experts: bool = False, capacity: int | None = None,
-                 **engine_options) -> RoEPass:
+                 positions: int = 1, **engine_options) -> RoEPass:
         """A batched run for len(seeds) prompts over `capacity` cache slots (prompt width + new tokens; it grows
-        when exceeded); engine_options switch engine optimisations off or choose a compile backend (see RoEPass)."""
+        when exceeded); engine_options switch engine optimisations off or choose a compile backend (see RoEPass).
+        positions: the most positions one step runs (1 for decoding; scoring's chunk). A step that cannot fit
+        in the device's free memory is refused here, before anything is allocated (`roe.memory`)."""
+        c = self.config
+        check_step_fits(self.model, len(seeds), c.num_samples, positions, capacity or 1, c.cache == "full",
+                        len(self.routers))
         if getattr(self.model, "_roe_hooks", None) is None:  # another roster on this model unwrapped it
             adapters.patch(self.model)
-        c = self.config
         engine_options.setdefault("compile", self.compile_backend)
         return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts,
                        aggregate=c.aggregate, capacity=capacity, **engine_options)

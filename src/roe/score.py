@@ -84,7 +84,7 @@ def continuation_logprobs(roster, pairs: list[tuple[list[int], list[int]]], seed
     targets, _ = pad_batch([cont for _, cont in pairs], steps, 0, left=False)
 
     # scoring runs chunks eagerly (only decode steps compile): its own batch, its full length reserved at once
-    run = roster.new_pass(seeds, capacity=prefix.shape[1] + steps, compile=None)
+    run = roster.new_pass(seeds, capacity=prefix.shape[1] + steps, positions=min(positions, steps), compile=None)
     run.prefill(prefix, prefix_mask)
     picked, greedy = [], []
     for i in range(0, steps, positions):
