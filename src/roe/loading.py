@@ -9,7 +9,9 @@ arbitrary code, so RoE loads safetensors only, as `use_safetensors=True` asks tr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "float64": torch.float64, "double": torch.float64}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_REASON = 80  # characters of a library's own message quoted in ours (the whole line stays under 200)
+LOADING_BAR_BYTES = 1 << 30  # a local checkpoint this large shows transformers' "Loading weights" bar
 MAX_NAME = 48  # characters of a checkpoint's name or path quoted in a message (a long path keeps its end)
 
 
@@ -136,3 +139,23 @@ def _check_safetensors(name: str, file: Path) -> None:
 def load_error(name: str, error: Exception) -> ValueError:
     """The one line for weights the loader could not read (a hub download, a file changed since the checks)."""
     return ValueError(f"cannot load the weights of {label(name)}: {short(error)}")
+
+
+@contextlib.contextmanager
+def loading_bars(path: str):
+    """transformers' "Loading weights" bar only where loading takes a while: a local checkpoint of at least
+    LOADING_BAR_BYTES, shown in a terminal (a hub id keeps its download bars). Loading the built-in model takes
+    well under a second, and a bar per command, or bar frames in a log file, say nothing."""
+    from transformers.utils import logging
+
+    folder = Path(path)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else None
+    quiet = (size is not None and size < LOADING_BAR_BYTES) or not sys.stderr.isatty()
+    was_on = logging.is_progress_bar_enabled()
+    if quiet and was_on:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_on:
+            logging.enable_progress_bar()

@@ -96,8 +96,9 @@ class RosterOfExperts:
         adapters.check_supported(config)  # fail before loading gigabytes of weights
         loading.check_weights(name, path)
         try:
-            model = _auto_model_class(config).from_pretrained(
-                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **model_kwargs)
+            with loading.loading_bars(path):
+                model = _auto_model_class(config).from_pretrained(
+                    path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **model_kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise loading.load_error(name, e) from None

@@ -913,23 +913,9 @@ def cmd_serve(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .options import add_roe_options
+    from .parsers import add_serve
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    add_roe_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
-    p.add_argument("--api-key", help="require this bearer token (or set ROE_API_KEY); also hides /docs")
-    p.add_argument("--max-k", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, help="new tokens per completion at most (default: 512, or less to fit "
-                                                  "the model's context)")
-    p.add_argument("--max-prompt-tokens", type=int, help="prompt tokens at most (default: 2048, or less to fit the "
-                                                         "model's context); also bounds the request body")
-    p.add_argument("--max-queue", type=int, default=64)
-    p.add_argument("--timeout-graceful-shutdown", type=float, default=10.0,
-                   help="on SIGTERM, seconds to let running requests finish (queued ones answer 503 at once)")
-    p.set_defaults(func=cmd_serve)
+    add_serve(sub)
 
 
 __all__ = ["Limits", "create_app", "chat_prompt", "score_positions"]
