@@ -1,6 +1,7 @@
 """The shipped built-in family: real checkpoints, compact, trained, with a RoE profile."""
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from roe import RoEConfig, RosterOfExperts, builtin_path, tasks
@@ -27,12 +28,14 @@ def test_builtin_uses_its_profile():
     roster = RosterOfExperts.from_pretrained("builtin")
     profile = RoEConfig.from_profile(builtin_path("s") / "roe_profile.json")
     assert roster.config == profile and roster.config.num_samples > 1 and any(t > 0 for t in roster.taus)
-    assert roster.model.dtype.is_floating_point and str(roster.model.dtype) == "torch.float32"
+    # the checkpoint's own dtype unless told (dtype="auto", as transformers and lm-eval load it)
+    assert roster.model.dtype == roster.model.config.dtype == torch.bfloat16
+    assert RosterOfExperts.from_pretrained("builtin", dtype="float32").model.dtype.itemsize == 4
 
 
 @pytest.fixture(scope="module")
 def builtin_s():
-    return RosterOfExperts.from_pretrained("builtin:s", roe=RoEConfig(num_samples=1, tau=0.0))
+    return RosterOfExperts.from_pretrained("builtin:s", roe=RoEConfig(num_samples=1, tau=0.0), dtype="float32")
 
 
 def test_default_model_solves_math(builtin_s):

@@ -50,7 +50,8 @@ def test_bench_json_rows(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "builtin", "-k", "1,4", "--prompt-tokens", "8", "--new-tokens", "4",
                  "--cache", "clean,full", "--independent-k", "2", "--naive-k", "2", "--naive-tokens", "2",
-                 "--experts-impls", "eager", "--ablations", "--repeats", "2", "--batch-sizes", "1", "--json", str(out)]) == 0
+                 "--experts-impls", "eager", "--ablations", "--repeats", "2", "--batch-sizes", "1", "--dtype", "float32",
+                 "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     keys = {"method", "k", "cache", "tokens_per_s", "ms_per_token", "prefill_ms", "peak_mem_bytes", "kv_cache_bytes",
             "distinct_experts_per_layer"}

@@ -746,7 +746,7 @@ def _versions() -> dict:
 
 
 def cmd_bench(args) -> int:
-    from .options import load_roster
+    from .options import load_roster, roe_config
     from .roster import RosterOfExperts
 
     ks = [int(k) for k in args.k.split(",")] if args.k else [1, 8, 32, 64]
@@ -760,13 +760,12 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
     batch_ks = [int(k) for k in args.batch_k.split(",")] if args.batch_k else []
     compile = getattr(args, "compile", None) or "auto"
+    # unset RoE flags fall back to --profile, then the model's shipped profile, then RoEConfig's defaults, as in
+    # every other command
     if args.model == "random-olmoe-1b-7b":
         model, tok = random_olmoe_1b_7b(args.device)
-        roster = RosterOfExperts(model, tok, __import__("roe").RoEConfig(tau=args.tau or 0.5, skip_layers=1),
-                                 compile=compile)
+        roster = RosterOfExperts(model, tok, roe_config(args), compile=compile)
     else:
-        if args.tau is None:
-            args.tau = 0.5  # large enough that noisy samples really pick other experts
         roster = load_roster(args)
         roster.compile = compile
     torch.manual_seed(0)
@@ -802,27 +801,7 @@ def cmd_bench(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .options import add_roe_options
+    from .parsers import add_bench
 
-    p = sub.add_parser("bench", help="latency, throughput and memory of RoE against the base model")
-    add_roe_options(p, k_list=True, cache_list=True)  # includes --compile (RoE rows; hf-compiled compiles itself)
-    if "--compile" not in p._option_string_actions:
-        p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--independent-k", default="8", help="K values for the K-independent-passes baseline")
-    p.add_argument("--naive-k", default="8", help="K values for the no-cache baseline (slow: keep small)")
-    p.add_argument("--naive-tokens", type=int, default=16, help="new tokens for the no-cache baseline")
-    p.add_argument("--batch-sizes", default="1,16", help="prompts decoded together, comma-separated; each size "
-                   "above 1 adds a row set (base, hf-eager, hf-compiled, RoE at --batch-k) (default: 1,16)")
-    p.add_argument("--batch-k", default="8", help="K values of the batched RoE rows (default: 8)")
-    p.add_argument("--no-hf", action="store_true", help="leave out the hf-eager and hf-compiled rows "
-                   "(transformers' own generate)")
-    p.add_argument("--experts-impls", default="", help="also measure these transformers experts implementations "
-                   "(eager, batched_mm, grouped_mm), comma-separated")
-    p.add_argument("--ablations", action="store_true", help="also measure RoE with each engine optimisation "
-                   "switched off (the before/after rows)")
-    p.add_argument("--repeats", type=int, default=1, help="measure every row this many times (interleaved) and "
-                   "keep the median")
-    p.add_argument("--json", help="write the rows as JSON (rewritten after every measurement while the run lasts)")
-    p.set_defaults(func=cmd_bench)
+    add_bench(sub)
+

@@ -1,8 +1,9 @@
 """The `roe` command.
 
-Each subcommand's module is imported only when that subcommand runs: `roe --help` imports none of them and
-`roe bench ...` imports only `roe.bench` (so bench runs on a machine with PyTorch and transformers but without the
-server's FastAPI/pydantic, Optuna or matplotlib). The options the subcommands share live in `roe.options`;
+Each subcommand's module is imported only when that subcommand runs: `roe --help` imports none of them,
+`roe bench --help` and a mistyped flag import neither torch nor transformers (the parsers of the heavy
+subcommands live in `roe.parsers`), and `roe bench ...` imports only `roe.bench` (so bench runs on a machine with
+PyTorch and transformers but without the server's FastAPI/pydantic, Optuna or matplotlib). The options the subcommands share live in `roe.options`;
 no module imports this one.
 """
 
@@ -17,28 +18,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .options import add_roe_options  # noqa: E402  (light: argparse only)
 
-# subcommand -> (the module, in this package, whose add_parser(sub) defines it; None: defined here), one-line help
+# subcommand -> (the module, in this package, whose add_parser(sub) defines it, or "module:function" naming the
+# function; None: defined here), one-line help. The heavy modules' parsers live in `roe.parsers`, so that their
+# --help and argument errors import neither torch nor transformers (the module loads when the subcommand runs).
 COMMANDS = {
     "generate": (None, "generate text with RoE"),
     "export-tasks": (None, "write the built-in task suite as JSONL (GSM8K format for math) and text"),
-    "demo": ("demo", "RoE against the base and a larger model on the built-in tasks"),
-    "train-builtin": ("train", "train a built-in model size on the task suite"),
+    "demo": ("parsers:add_demo", "RoE against the base and a larger model on the built-in tasks"),
+    "train-builtin": ("parsers:add_train", "train a built-in model size on the task suite"),
     "eval": ("evaluate", "evaluate base (K=1) against RoE on a task"),
     "tune": ("tune", "search the per-layer tau vector (Optuna TPE) on the validation split"),
-    "bench": ("bench", "latency, throughput and memory of RoE against the base model"),
-    "serve": ("server", "OpenAI-compatible HTTP server"),
+    "bench": ("parsers:add_bench", "latency, throughput and memory of RoE against the base model"),
+    "serve": ("parsers:add_serve", "OpenAI-compatible HTTP server"),
 }
 
 
 def cmd_generate(args) -> int:
+    from .generate import SamplingParams
     from .options import load_roster
 
     if args.n < 1:
         raise ValueError(f"-n must be at least 1, got {args.n}")
-    roster = load_roster(args)
+    if not args.prompt:  # checked here too, so that an empty prompt fails before the model loads
+        raise ValueError("the prompt is empty: give at least one character of text")
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, stop=args.stop or None)
     if args.do_sample:
         kw.update(temperature=args.temperature, top_p=args.top_p)
+    SamplingParams(**kw)  # the same checks generate makes, before loading
+    roster = load_roster(args)
     if args.n > 1:  # n completions of the one prompt, each with its own seed
         for i, text in enumerate(roster.generate(args.prompt, n=args.n, **kw)):
             print(f"--- completion {i + 1} of {args.n} ---")
@@ -104,11 +111,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         elif module is None:
             LOCAL[name](sub)
         else:
+            module, _, function = module.partition(":")
             try:
                 mod = importlib.import_module(f".{module}", __package__)
             except ModuleNotFoundError as e:
                 parser.error(f"`roe {name}` needs the Python package {e.name!r}, which is not installed")
-            mod.add_parser(sub)
+            getattr(mod, function or "add_parser")(sub)
     return parser
 
 

@@ -52,7 +52,7 @@ def cmd_demo(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="RoE against the base and a larger model on the built-in tasks")
-    p.add_argument("--limit", type=int, default=100, help="test items per category")
-    p.add_argument("--example", type=int, default=0, help="which test math problem to show worked")
-    p.set_defaults(func=cmd_demo)
+    from .parsers import add_demo
+
+    add_demo(sub)
+

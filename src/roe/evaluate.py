@@ -134,12 +134,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_eval(roster, task_names, ks, seeds, split, limit, paths=None, progress_factory=None) -> list[dict]:
-    """Every (task, K, seed): one row each. K = 1 is the base model (no seed dependence, run once)."""
+def run_eval(roster, task_names, ks, seeds, split, limit, paths=None, progress_factory=None,
+             items_by_task: dict | None = None) -> list[dict]:
+    """Every (task, K, seed): one row each. K = 1 is the base model (no seed dependence, run once).
+    items_by_task: items already loaded (by `load_items`), used instead of loading them again."""
     rows = []
     paths = paths or {}
     for task in task_names:
-        items = load_items(task, split, limit, paths.get(task))
+        items = (items_by_task or {}).get(task) or load_items(task, split, limit, paths.get(task))
         for k in ks:
             for seed in (range(seeds) if k > 1 else [0]):
                 r = roster.with_config(num_samples=k, seed=seed)
@@ -169,9 +171,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 def cmd_eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
-    from tqdm import tqdm
 
     from .options import load_roster
+    from .progress import progress
 
     ks = [int(k) for k in (args.k or "1,8").split(",")]
     if any(k < 1 for k in ks):
@@ -180,16 +182,20 @@ def cmd_eval(args) -> int:
     for n in names:
         if n not in EVALUATORS:
             raise ValueError(f"unknown task {n!r}; choose from {', '.join(EVALUATORS)} or all")
+    if args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    items = {n: load_items(n, args.split, args.limit, args.file) for n in names}  # bad files fail before loading
     roster = load_roster(args, k=max(ks))
-    paths = {n: args.file for n in names} if args.file else None
     rows = []
     try:
-        rows = run_eval(roster, names, ks, args.seeds, args.split, args.limit, paths,
-                        lambda d, n: tqdm(total=n, desc=d, leave=False))
+        rows = run_eval(roster, names, ks, args.seeds, args.split, args.limit,
+                        progress_factory=lambda d, n: progress(total=n, desc=d, leave=False), items_by_task=items)
     except KeyboardInterrupt:
         print("interrupted: reporting the runs that finished")
     finally:
-        table = Table(title=f"roe eval: {args.model} ({args.split}, {args.limit} items, tau={roster.config.tau})")
+        counts = ", ".join(f"{n} {len(v)}" for n, v in items.items()) if len(items) > 1 else len(items[names[0]])
+        source = args.file if args.file else f"built-in {args.split} split"
+        table = Table(title=f"roe eval: {args.model} ({source}, {counts} items, tau={roster.config.tau})")
         for col in ("task", "K", "metric", "mean", "std", "seeds"):
             table.add_column(col)
         for r in summarize(rows):
@@ -209,7 +215,7 @@ def add_parser(sub) -> None:
     p.add_argument("--task", default="all", help="math, choice, code, ppl, comma-separated, or all")
     p.add_argument("--file", help="your own JSONL (math/choice/code) or text file (ppl) instead of the built-in items")
     p.add_argument("--split", default="test", choices=tasks.SPLITS)
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--limit", type=int, default=100, help="items per task at most, the first ones (default: 100)")
+    p.add_argument("--seeds", type=int, default=5, help="RoE seeds per K > 1; the table gives their mean and std")
     p.add_argument("--json", help="write rows and summary as JSON")
     p.set_defaults(func=cmd_eval)

@@ -19,9 +19,9 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator
-from tqdm import tqdm
 
 from .config import RoEConfig
+from .progress import progress
 from .roster import RosterOfExperts
 
 
@@ -34,13 +34,25 @@ def _number(value, kind, name):
 
 def _dtype(value):
     """lm-eval's `hf` spellings: "auto" (the checkpoint's own dtype, the default as in `hf`) or a torch dtype name."""
-    if value is None or value == "auto" or isinstance(value, torch.dtype):
-        return "auto" if value is None else value
-    dtype = getattr(torch, str(value), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"model_args dtype must be auto or a torch dtype such as bfloat16, float16, float32; "
-                         f"got {value!r}")
-    return dtype
+    from .loading import check_dtype
+
+    try:
+        return check_dtype(value)
+    except ValueError as e:
+        raise ValueError(f"model_args {e}") from None
+
+
+def _device(device) -> str:
+    """The device as lm-eval's `hf` picks it: the one asked for, or (no --device) CUDA when there is one, else the
+    CPU, saying so in a log line. A device asked for that is not there is a one-line error (roe.loading)."""
+    if device:
+        return str(device)
+    import logging
+
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    logging.getLogger("lm_eval.models.roe").info("roe: no device given (--device); using %s (CUDA available: %s)", chosen,
+                                      torch.cuda.is_available())
+    return chosen
 
 
 def _generation_args(gen_kwargs: dict, default_max: int) -> dict:
@@ -67,13 +79,13 @@ def _generation_args(gen_kwargs: dict, default_max: int) -> dict:
 
 class RoELM(LM):
     def __init__(self, pretrained: str = "builtin", num_samples=None, tau=None, skip_layers=None, aggregate=None,
-                 cache=None, seed=None, profile=None, device: str = "cpu", dtype="auto", batch_size=8,
+                 cache=None, seed=None, profile=None, device: str | None = None, dtype="auto", batch_size=8,
                  max_gen_toks: int = 256, trust_remote_code: bool = False, compile: str = "auto", **unknown):
         super().__init__()
         unknown.pop("max_length", None)
         if unknown:
             raise ValueError(f"unknown model_args for roe: {', '.join(sorted(unknown))}")
-        roster = RosterOfExperts.from_pretrained(pretrained, device=device, dtype=_dtype(dtype),
+        roster = RosterOfExperts.from_pretrained(pretrained, device=_device(device), dtype=_dtype(dtype),
                                                  trust_remote_code=str(trust_remote_code).lower() == "true",
                                                  compile=str(compile))
         base = RoEConfig.from_profile(profile) if profile else roster.config
@@ -103,7 +115,7 @@ class RoELM(LM):
 
     def _score(self, pairs, disable_tqdm):
         results = []
-        bar = tqdm(total=len(pairs), disable=disable_tqdm, desc="roe loglikelihood")
+        bar = progress(total=len(pairs), disable=disable_tqdm, desc="roe loglikelihood")
         for i in range(0, len(pairs), self.batch_size):
             batch = pairs[i : i + self.batch_size]
             results += self.roster.token_logprobs(batch, with_greedy=True)
@@ -141,7 +153,7 @@ class RoELM(LM):
         batches = Collator([req.args for req in requests], sort_fn=longest_first, group_by="gen_kwargs",
                            group_fn=lambda args: args[1])
         out = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="roe generate_until")
+        bar = progress(total=len(requests), disable=disable_tqdm, desc="roe generate_until")
         for chunk in batches.get_batched(n=self.batch_size):
             contexts = [context for context, _ in chunk]
             out += self.roster.generate(contexts, **_generation_args(chunk[0][1], self.max_gen_toks))

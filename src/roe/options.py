@@ -37,7 +37,9 @@ def add_roe_options(p: argparse.ArgumentParser, k_list: bool = False, cache_list
     else:
         p.add_argument("--cache", choices=["clean", "full"])
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (the default), cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (the default: the checkpoint's own dtype), bfloat16, float16 or float32")
     p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="compile the decode step: auto (on CUDA, the default), on, or off (eager everywhere)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
@@ -72,6 +74,6 @@ def load_roster(args, k=None):
 
     _, default = resolve_model(args.model)
     cfg = roe_config(args, default, k)
-    return RosterOfExperts.from_pretrained(args.model, roe=cfg, device=args.device,
+    return RosterOfExperts.from_pretrained(args.model, roe=cfg, device=args.device, dtype=getattr(args, "dtype", "auto"),
                                            trust_remote_code=args.trust_remote_code,
                                            compile=getattr(args, "compile", "auto"))

@@ -9,9 +9,10 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from . import adapters
+from . import adapters, loading
 from .config import RoEConfig
 from .engine import RoEPass
+from .memory import check_step_fits
 from .generate import Completion, SamplingParams, decode_steps, new_text
 from .routing import SEED_RANGE, layer_taus
 from .score import SCORE_BATCH  # noqa: F401  (re-exported: it lived here before)
@@ -70,34 +71,43 @@ class RosterOfExperts:
         name_or_path: str | os.PathLike,
         roe: RoEConfig | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = "auto",
         trust_remote_code: bool = False,
         compile: str = "auto",
         score_memory_bytes: int | None = DEFAULT_SCORE_MEMORY,
         **model_kwargs,
     ) -> RosterOfExperts:
         """Load a checkpoint (a local folder, a hub id, or `builtin[:size]`) with safetensors only.
-        compile and score_memory_bytes: as in the constructor."""
-        check_budget(score_memory_bytes)  # before loading the weights
-        from transformers import AutoConfig, AutoTokenizer
+        dtype: "auto" (the default, as in transformers and lm-eval: the dtype the checkpoint records),
+        torch.bfloat16 / float16 / float32 or their names. compile and score_memory_bytes: as in the constructor.
+        Everything that can be checked without the weights (device, dtype, config, architecture, the weight
+        files' headers) is checked before they load, each failing in one line (`roe.loading`)."""
+        check_budget(score_memory_bytes)
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        dtype, device = loading.check_dtype(dtype), loading.check_device(device)
+        from transformers import AutoTokenizer
 
         from .builtin import resolve_model
 
-        path, default_roe = resolve_model(str(name_or_path))
-        if roe is None:
-            roe = default_roe
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load a model config from {name_or_path!r}: {e}") from None
+        name = str(name_or_path)
+        path, default_roe = resolve_model(name)
+        config = _load_config(name, path, trust_remote_code)
         adapters.check_supported(config)  # fail before loading gigabytes of weights
-        if dtype is None:
-            dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
-        model = _auto_model_class(config).from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **model_kwargs
-        ).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, roe, compile=compile, score_memory_bytes=score_memory_bytes)
+        loading.check_weights(name, path)
+        try:
+            with loading.loading_bars(path):
+                model = _auto_model_class(config).from_pretrained(
+                    path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **model_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise loading.load_error(name, e) from None
+        except Exception as e:  # safetensors' SafetensorError: a file changed or was damaged after the checks
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise loading.load_error(name, e) from None
+        return cls(model.to(device), tokenizer, roe if roe is not None else default_roe, compile=compile,
+                   score_memory_bytes=score_memory_bytes)
 
     def with_config(self, **changes) -> RosterOfExperts:
         """The same weights with other RoE settings (no reload); `compile` and `score_memory_bytes` may change
@@ -113,12 +123,16 @@ class RosterOfExperts:
         return self.model
 
     def new_pass(self, seeds: list[int], record_experts: bool = False, capacity: int | None = None,
-                 **engine_options) -> RoEPass:
+                 positions: int = 1, **engine_options) -> RoEPass:
         """A batched run for len(seeds) prompts over `capacity` cache slots (prompt width + new tokens; it grows
-        when exceeded); engine_options switch engine optimisations off or choose a compile backend (see RoEPass)."""
+        when exceeded); engine_options switch engine optimisations off or choose a compile backend (see RoEPass).
+        positions: the most positions one step runs (1 for decoding; scoring's chunk). A step that cannot fit
+        in the device's free memory is refused here, before anything is allocated (`roe.memory`)."""
+        c = self.config
+        check_step_fits(self.model, len(seeds), c.num_samples, positions, capacity or 1, c.cache == "full",
+                        len(self.routers))
         if getattr(self.model, "_roe_hooks", None) is None:  # another roster on this model unwrapped it
             adapters.patch(self.model)
-        c = self.config
         engine_options.setdefault("compile", self.compile_backend)
         return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts,
                        aggregate=c.aggregate, capacity=capacity, **engine_options)
@@ -327,6 +341,15 @@ class RosterOfExperts:
     def __repr__(self) -> str:
         return f"RosterOfExperts({self.model.config.model_type}, {len(self.routers)} MoE layers, {self.config})"
 
+
+
+def _load_config(name: str, path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise loading.config_error(name, path, e, trust_remote_code) from None
 
 
 def _auto_model_class(config):

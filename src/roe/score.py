@@ -21,10 +21,14 @@ chunking (up to float rounding of the model's own matmuls over other shapes).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 from .engine import aggregate, pad_batch
 
+HEAD_ROWS = 8192  # vocabulary rows of a 16-bit output layer upcast at a time for float32 scoring logits
 CHUNK = 64  # positions per forward at most: also bounds the model's activations when the vocabulary is small
 SCORE_BATCH = 8  # items per batch at most
 DEFAULT_SCORE_MEMORY = 1 << 30  # bytes of logits (and their float32 working copies) one forward may hold
@@ -60,6 +64,31 @@ def chunk_shape(num_samples: int, vocab: int, logit_bytes: int, budget: int | No
     return items, max(1, min(CHUNK, rows // items))
 
 
+@contextlib.contextmanager
+def float32_logits(model):
+    """Scoring with a 16-bit model: its output layer's logits are computed and kept in float32 (the weights upcast
+    HEAD_ROWS vocabulary rows at a time), not rounded to 16 bits. Rounding logits of size ~10 to bfloat16 moves
+    each by up to ~0.03, and a log-likelihood by that per token; the model's own layers are unchanged.
+    Generation keeps the model's own logits (its greedy tokens stay those of the model)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.weight.dtype.itemsize > 2:
+        yield
+        return
+
+    def forward(x):  # x [..., D] -> [..., V] float32
+        x = x.float()
+        parts = [F.linear(x, head.weight[i : i + HEAD_ROWS].float(),
+                          None if head.bias is None else head.bias[i : i + HEAD_ROWS].float())
+                 for i in range(0, head.weight.shape[0], HEAD_ROWS)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    head.forward = forward  # an instance attribute: shadows the class's forward until removed
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def check_budget(budget) -> int | None:
     if budget is None:
         return None
@@ -84,11 +113,12 @@ def continuation_logprobs(roster, pairs: list[tuple[list[int], list[int]]], seed
     targets, _ = pad_batch([cont for _, cont in pairs], steps, 0, left=False)
 
     # scoring runs chunks eagerly (only decode steps compile): its own batch, its full length reserved at once
-    run = roster.new_pass(seeds, capacity=prefix.shape[1] + steps, compile=None)
+    run = roster.new_pass(seeds, capacity=prefix.shape[1] + steps, positions=min(positions, steps), compile=None)
     run.prefill(prefix, prefix_mask)
     picked, greedy = [], []
     for i in range(0, steps, positions):
-        logits = run.forward(chunk[:, i : i + positions], chunk_mask[:, i : i + positions])  # [B, K, s, V]
+        with float32_logits(roster.model):
+            logits = run.forward(chunk[:, i : i + positions], chunk_mask[:, i : i + positions])  # [B, K, s, V]
         logp = aggregate(logits, roster.config.aggregate)  # [B, s, V] float32
         del logits
         target = targets[:, i : i + positions].to(logp.device)

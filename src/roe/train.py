@@ -89,7 +89,7 @@ def train(size: str, steps: int, batch: int, lr: float, seed: int, device: str, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from tqdm import tqdm
+    from .progress import progress
     from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
     if size not in MODEL_SIZES:
@@ -114,8 +114,8 @@ def train(size: str, steps: int, batch: int, lr: float, seed: int, device: str, 
     start = time.time()
     data = batches(tokenizer, batch, seed)
     model.train()
-    bar = tqdm(range(steps), desc=f"train {size} ({params / 1e6:.1f}M)")
-    for step in bar:
+    bar = progress(total=steps, desc=f"train {size} ({params / 1e6:.1f}M)")
+    for step in range(steps):
         ids = next(data).to(device)
         with autocast:
             out = model(ids, labels=ids)
@@ -129,6 +129,8 @@ def train(size: str, steps: int, batch: int, lr: float, seed: int, device: str, 
             log["loss"].append([step, lm])
             log["aux_loss"].append([step, float(out.aux_loss)])
             bar.set_postfix(loss=f"{lm:.3f}")
+        bar.update(1)
+    bar.close()
     log["train_seconds"] = round(time.time() - start, 1)
     log["final_train_loss"] = log["loss"][-1][1]
     model.config.output_router_logits = False
@@ -160,12 +162,7 @@ def cmd_train(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train-builtin", help="train a built-in model size on the task suite")
-    p.add_argument("--size", default="s", help=f"one of {', '.join(SIZES)} (comma-separated for several)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
-    p.add_argument("--out", default=str(BUILTIN_DIR), help="family folder (default: the package's builtin_models)")
-    p.set_defaults(func=cmd_train)
+    from .parsers import add_train
+
+    add_train(sub)
+

@@ -82,7 +82,7 @@ def cmd_tune(args) -> int:
     import optuna
     import torch
     import transformers
-    from tqdm import tqdm
+    from .progress import progress
 
     from .options import load_roster
     from .routing import NOISE_VERSION
@@ -102,7 +102,7 @@ def cmd_tune(args) -> int:
     todo = max(0, args.trials - len(study.trials))
     if not study.trials:
         study.enqueue_trial({f"tau_{i}": 0.0 for i in middle})
-    bar = tqdm(total=todo, desc="tune")
+    bar = progress(total=todo, desc="tune")
 
     def progress(study, trial):
         bar.update(1)

@@ -30,29 +30,7 @@ def serve_limits(args, max_context: int | None) -> Limits:
 
 
 def add_parser(sub) -> None:
-    from ..options import add_roe_options
-    from .api_server import cmd_serve
+    """`roe serve`'s options: defined in roe.parsers, which `roe --help` reads without importing the server."""
+    from ..parsers import add_serve
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    add_roe_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
-    p.add_argument("--api-key", help="require this bearer token (or set ROE_API_KEY); also hides /docs")
-    p.add_argument("--max-k", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, help="new tokens per completion at most (default: 512, or less to fit "
-                                                  "the model's context)")
-    p.add_argument("--max-prompt-tokens", type=int, help="prompt tokens at most (default: 2048, or less to fit the "
-                                                         "model's context); also bounds the request body")
-    p.add_argument("--max-queue", type=int, default=64)
-    p.add_argument("--timeout-graceful-shutdown", type=float, default=10.0,
-                   help="on SIGTERM, seconds to let running requests finish (queued ones answer 503 at once)")
-    p.add_argument("--timeout-header", type=float, default=10.0,
-                   help="seconds from a request's first byte to the end of its headers (408 after; default 10)")
-    p.add_argument("--timeout-body", type=float, default=30.0,
-                   help="seconds from the end of a request's headers to the end of its body (408 after; default 30)")
-    p.add_argument("--timeout-idle", type=float, default=5.0,
-                   help="seconds a connection may stay open without a request (closed after; default 5)")
-    p.add_argument("--max-connections", type=int, default=256,
-                   help="open connections at most; one more is answered 503 at once (default 256)")
-    p.set_defaults(func=cmd_serve)
+    add_serve(sub)
