@@ -250,10 +250,9 @@ REFUSED: dict[str, str] = {
     **dict.fromkeys(["switch_transformers", "nllb-moe"], _ENCODER_DECODER),
     **dict.fromkeys(["bailing_hybrid", "nemotron_h", "qwen4_exp_text", "zaya", "lara_mini", "inkling_text",
                      "inkling2_text", "inkling2_loop_text", "glm5_next_text"], _RECURRENT),
-    **dict.fromkeys(["deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "dots3_note_text",
-                     "minimax_m3_vl_text", "mistral_large4_text"], _INDEXER),
-    **dict.fromkeys(["axk1", "deepseek_v2", "kolibri1", "mimo_v2_flash", "sarvam_mla", "solar_open",
-                     "step3p5"], _ROUTER),
+    **dict.fromkeys(["axk2", "hy_v4_vl_text", "dots3_note_text", "minimax_m3_vl_text", "mistral_large4_text"], _INDEXER),
+    "deepseek_v4": "compressed sparse attention (compressor state in the cache) and hash-routed layers (no logits)",
+    "step3p5": _ROUTER,
     **dict.fromkeys(["diffusion_gemma", "diffusion_gemma_text"], _NOT_TEXT),
 }
 # --- arch-d: refusals with their own reasons ---

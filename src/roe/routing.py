@@ -216,6 +216,16 @@ def topk_softmax(router, logits: torch.Tensor, noise: torch.Tensor):
     return F.softmax(logits.gather(-1, idx), dim=-1), idx
 
 
+def _keep_top_groups(choice: torch.Tensor, groups: int, topk_group: int, fill: float) -> torch.Tensor:
+    """choice [T, E] with every expert outside the `topk_group` best of `groups` expert groups set to `fill`; a
+    group scores the sum of its two best values (DeepSeek-V3's group-limited selection)."""
+    T, E = choice.shape
+    group_scores = choice.view(T, groups, E // groups).topk(min(2, E // groups), dim=-1).values.sum(dim=-1)  # [T, G]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+    return choice.masked_fill(~keep.repeat_interleave(E // groups, dim=1), fill)
+
+
 def sigmoid_grouped(router, logits: torch.Tensor, noise: torch.Tensor):
     """Sigmoid scores plus a correction bias, group-limited top-k (DeepSeek-V3, GLM-4-MoE, dots1).
 
@@ -226,13 +236,8 @@ def sigmoid_grouped(router, logits: torch.Tensor, noise: torch.Tensor):
     logits = logits.float()
     scores = logits.sigmoid()
     choice = (logits + noise).sigmoid() + router.e_score_correction_bias.float()
-    T, E = choice.shape
     groups = router.num_group if hasattr(router, "num_group") else router.n_group
-    grouped = choice.view(T, groups, E // groups)
-    group_scores = grouped.topk(min(2, E // groups), dim=-1).values.sum(dim=-1)  # [T, groups]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool)
-    keep.scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, True)
-    choice = choice.masked_fill(~keep.repeat_interleave(E // groups, dim=1), float("-inf"))
+    choice = _keep_top_groups(choice, groups, router.topk_group, float("-inf"))
     idx = choice.topk(router.top_k, dim=-1).indices
     weights = scores.gather(-1, idx)
     if router.norm_topk_prob:
@@ -428,12 +433,7 @@ def softmax_grouped(router, logits: torch.Tensor, noise: torch.Tensor):
     logits = logits.float()
     probs = F.softmax(logits, dim=-1)
     choice = F.softmax(logits + noise, dim=-1)
-    T, E = choice.shape
-    groups = router.num_group
-    group_scores = choice.view(T, groups, E // groups).topk(min(2, E // groups), dim=-1).values.sum(dim=-1)
-    keep = torch.zeros_like(group_scores, dtype=torch.bool)
-    keep.scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, True)
-    choice = choice.masked_fill(~keep.repeat_interleave(E // groups, dim=1), 0.0)  # the model's fill: 0, not -inf
+    choice = _keep_top_groups(choice, router.num_group, router.topk_group, 0.0)  # the model's fill: 0, not -inf
     idx = choice.topk(router.top_k, dim=-1).indices
     weights = probs.gather(-1, idx)
     if router.norm_topk_prob:
