@@ -35,9 +35,20 @@ from .score import FLOAT32_COPIES, logit_width
 MIN_CHECKED = 1 << 26  # bytes: a step under 64 MiB is never refused (not worth asking the system each pass)
 
 
+def _read(cfg, name: str):
+    """`cfg.name`, or its largest value over the layers where a heterogeneous config (Gemma 4) keeps it per layer
+    and refuses a global read."""
+    try:
+        return getattr(cfg, name, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        values = [getattr(layer, name, None) for layer in getattr(cfg, "per_layer_config", None) or ()]
+        values = [v for v in values if isinstance(v, int)]
+        return max(values, default=None)
+
+
 def _field(cfg, *names, default=0) -> int:
     for name in names:
-        value = getattr(cfg, name, None)
+        value = _read(cfg, name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return default
