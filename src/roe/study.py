@@ -50,6 +50,8 @@ class TaskSpec:
     test_items: list = field(default_factory=list, repr=False)
     val_items: list = field(default_factory=list, repr=False)
     source: str = "built-in"
+    limit: int | None = None  # lm-eval: items of its test split
+    include_path: str | None = None  # lm-eval: a folder of task YAMLs
 
 
 class State:
@@ -104,6 +106,17 @@ def fingerprint(roster, name: str) -> str:
 
 def items_hash(items) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def folder_hash(path: str | None) -> str | None:
+    """The contents of a folder's files (an lm-eval include path: its YAMLs and local data)."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def per_category(text: str | None, kind, name: str) -> dict:
@@ -177,10 +190,14 @@ class Study:
 
         return {"noise": NOISE_VERSION, "suite": SUITE_VERSION}
 
+    def full(self, desc: dict) -> dict:
+        """A unit's description with what every unit's result depends on: the weights and the versions."""
+        return {**desc, "model": self.fp, "versions": self.versions()}
+
     def unit(self, desc: dict, compute, label: str):
         self.bar.set_description(label[:60])
         try:
-            return self.state.run({**desc, "model": self.fp, "versions": self.versions()}, compute)
+            return self.state.run(self.full(desc), compute)
         finally:
             self.bar.update(1)
 
@@ -201,10 +218,9 @@ def tune_task(st: Study, spec: TaskSpec, s: dict, tuned: list[str]) -> dict:
     desc = {"unit": "trial", "task": spec.name, "items": items_hash(spec.val_items), "objective": s["objective"],
             "k": k, "max_tau": s["max_tau"], "middle": middle, "tuned": tuned, "seed": st.args.tune_seed,
             "base_config": st.roster.config.replace(num_samples=1, tau=0.0).to_dict()}
-    done = []
-    while len(done) < s["trials"] and st.state.get({**desc, "trial": len(done), "model": st.fp,
-                                                    "versions": st.versions()}) is not None:
-        done.append(st.state.get({**desc, "trial": len(done), "model": st.fp, "versions": st.versions()}))
+    done = []  # the recorded trials, in order (trial i is recorded only after trials 0..i-1)
+    while len(done) < s["trials"] and (rec := st.state.get(st.full({**desc, "trial": len(done)}))) is not None:
+        done.append(rec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # seeded by the number of recorded trials, so a resumed search is as reproducible as an uninterrupted one
     study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=st.args.tune_seed + len(done)))
@@ -226,6 +242,7 @@ def tune_task(st: Study, spec: TaskSpec, s: dict, tuned: list[str]) -> dict:
         rec = st.unit({**desc, "trial": i}, compute, f"tune {spec.name} trial {i}")
         if i >= len(done):
             done.append(rec)
+    st.bar.set_postfix()
     best = (min if direction == "minimize" else max)(done, key=lambda r: r["value"])  # ties: the earliest
     return {"tau": best["tau"], "extra": best["extra"], "validation_score": best["value"],
             "validation_score_base": done[0]["value"], "direction": direction, "objective": s["objective"],
@@ -263,11 +280,12 @@ def evaluate_task(st: Study, spec: TaskSpec, tau, extra: dict) -> list[dict]:
     rows = []
     for cfg in configs_for(st, tau):
         cfg = {**cfg, **extra} if cfg["num_samples"] > 1 else cfg
-        desc = {"unit": "eval", "task": spec.name, "category": spec.category, "items": items_hash(spec.test_items),
-                "config": cfg}
+        items = items_hash(spec.test_items) if spec.test_items else {"lm-eval": spec.name, "limit": spec.limit,
+                                                                     "include": folder_hash(spec.include_path)}
+        desc = {"unit": "eval", "task": spec.name, "category": spec.category, "items": items, "config": cfg}
 
         def compute(cfg=cfg):
-            inner = tqdm(total=len(spec.test_items), leave=False, desc=f"{spec.name} K={cfg['num_samples']}")
+            inner = tqdm(total=len(spec.test_items) or None, leave=False, desc=f"{spec.name} K={cfg['num_samples']}")
             try:
                 changes = {k: v for k, v in cfg.items() if k in st.roster.config.__dataclass_fields__}
                 return score_items(st.roster.with_config(**changes), spec, inner)
@@ -367,7 +385,8 @@ def task_specs(args) -> list[TaskSpec]:
             src = f"{path} (first half: validation, second half: test)"
         specs.append(TaskSpec(Path(path).stem, cat, items[: args.test_examples], val, src))
     for name in [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]:
-        specs.append(TaskSpec(name, "lm-eval", source=f"lm-eval (limit {args.test_examples})"))
+        specs.append(TaskSpec(name, "lm-eval", source=f"lm-eval (limit {args.test_examples})",
+                              limit=args.test_examples, include_path=args.lm_eval_include))
     if not specs:
         raise ValueError("no tasks: give --tasks, --file or --lm-eval")
     if len({s.name for s in specs}) < len(specs):
@@ -476,6 +495,7 @@ def add_parser(sub) -> None:
     p.add_argument("--val-file", action="append", metavar="CAT=PATH",
                    help="validation items for --file's category (default: the first half of the --file)")
     p.add_argument("--lm-eval", help="lm-eval task names, comma-separated (evaluated through the `roe` lm-eval model)")
+    p.add_argument("--lm-eval-include", help="a folder of your own lm-eval task YAMLs")
     p.add_argument("--lm-eval-tau-from", help="the study task whose tuned tau the lm-eval tasks use")
     p.add_argument("--ks", help=f"K values for quality vs K, comma-separated, including -k (default {DEFAULT_K}: "
                    "K/4, K/2, K)")

@@ -111,18 +111,22 @@ def plots(result: dict, out: Path) -> list[Path]:
     for i, name in enumerate(names):
         c = result["tasks"][name]["comparison"]
         ks = [r["k"] for r in c["roe"]]
+        ticks = dict(xscale="log", xticks=[1, *ks], xticklabels=["1", *map(str, ks)], xlim=(0.8, ks[-1] * 1.25))
         ax = axes[0][i]
-        ax.errorbar(ks, [r["value"] for r in c["roe"]], yerr=[r["std_over_seeds"] for r in c["roe"]], fmt="o-",
-                    capsize=3, label="RoE (sd over seeds)")
-        ax.axhline(c["base"]["value"], color="gray", ls="--", label="base (K = 1)")
-        ax.set(title=name, xscale="log", ylabel=c["metric"], xticks=ks, xticklabels=[str(k) for k in ks])
+        ax.errorbar([1, *ks], [c["base"]["value"]] + [r["value"] for r in c["roe"]],
+                    yerr=[0] + [r["std_over_seeds"] for r in c["roe"]], fmt="o-", capsize=3, label="sd over seeds")
+        ax.axhline(c["base"]["value"], color="gray", ls="--", lw=0.8, label="base (K = 1)")
+        ax.set(title=name, ylabel=c["metric"], **ticks)
+        ax.minorticks_off()
         ax.legend(fontsize=7)
         ax = axes[1][i]
         d = [r["difference"] for r in c["roe"]]
         ax.errorbar(ks, [x["mean"] for x in d], yerr=[[x["mean"] - x["ci_low"] for x in d],
                                                      [x["ci_high"] - x["mean"] for x in d]], fmt="o", capsize=3)
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xscale="log", xlabel="K", ylabel="RoE minus base (CI)", xticks=ks, xticklabels=[str(k) for k in ks])
+        unit = "log-ppl" if c["higher_is_better"] is False else c["metric"]
+        ax.set(xlabel="K", ylabel=f"RoE minus base, {unit} (CI)", **ticks)
+        ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(out / PLOTS[0], dpi=100)
     plt.close(fig)
