@@ -199,3 +199,21 @@ def test_per_item_lm_eval_samples():
     assert (metric, values, weights) == ("acc", [1.0, 0.0], None)
     metric, values, weights = _per_item([{"doc_id": 0, "metrics": ["word_perplexity"], "word_perplexity": (-3.0, 2)}])
     assert (values, weights) == ([3.0], [2.0])
+
+
+def test_lm_eval_task_end_to_end(tmp_path, monkeypatch):
+    """A local lm-eval multiple-choice task through the `roe` lm-eval model: per-item accuracies, paired."""
+    import lm_eval_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm_eval_tasks.write_builtin_data(tmp_path, choice=2)
+    lm_eval_tasks.write_task(tmp_path, "study_choice", "choice", lm_eval_tasks.CHOICE)
+    out = tmp_path / "out"
+    args = ["" if a == "ppl,code" else a for a in ARGS]  # no built-in task: only the lm-eval one
+    assert main([*args, "--test-examples", "2", "--seeds", "1", "--lm-eval", "study_choice",
+                 "--lm-eval-include", str(tmp_path), "-o", str(out)]) == 0
+    r = json.loads((out / "study.json").read_text())
+    c = r["tasks"]["study_choice"]["comparison"]
+    assert c["metric"] == "acc" and c["n"] == 2 and c["higher_is_better"] is True
+    assert r["tuning"]["study_choice"]["from"].startswith("the model's")
+    assert all(v in (0.0, 1.0) for row in r["tasks"]["study_choice"]["rows"] for v in row["values"])

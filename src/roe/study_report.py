@@ -173,7 +173,8 @@ def write_report(result: dict, args, roster) -> list[Path]:
     import transformers
 
     out = Path(args.output)
-    started_as_roe = Path(sys.argv[0]).name == "roe"  # else called from Python (tests): argv is not ours
+    # `roe ...` or `python -m roe.cli ...`; else called from Python (tests), where argv is not ours
+    started_as_roe = Path(sys.argv[0]).name == "roe" or sys.argv[0].endswith(str(Path("roe", "cli.py")))
     result["command"] = "roe " + shlex.join(sys.argv[1:]) if started_as_roe else "(roe.cli.main, from Python)"
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["device"] = str(roster.model.device) + ("" if roster.model.device.type != "cpu" else
