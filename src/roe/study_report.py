@@ -83,7 +83,8 @@ def markdown(result: dict, args, roster, k: int) -> str:
             f"Command: `{result['command']}`", "",
             f"{result['date']}, {result['device']}, {result['seconds']} s; units of work: "
             f"{result['units']['computed']} computed, {result['units']['reused']} reused from `state.json`.", "",
-            f"Base model: K = 1 (tau = 0). RoE: the tuned tau per task, K = {k} (main), seeds 0..{args.seeds - 1}.", "",
+            f"Base model: K = 1 (tau = 0). RoE: the tau tuned per task at K = {max(result['ks'])} (applied at every "
+            f"K), K = {k} (main), seeds 0..{args.seeds - 1}.", "",
             "## Does RoE help?", "", *verdict_table(result, k), "",
             f"RoE minus base is the mean over test items of the per-item difference (each item's RoE value averaged "
             f"over the seeds, minus the base model's), with a {level} bootstrap confidence interval over items "
