@@ -487,7 +487,7 @@ def add_parser(sub) -> None:
     from .options import add_roe_options
 
     p = sub.add_parser("study", help="does RoE help? tune, test against the base model with paired CIs, cost")
-    add_roe_options(p)
+    add_roe_options(p)  # --tau / --skip-layers / --profile: the untuned RoE of lm-eval tasks (see --lm-eval-tau-from)
     p.add_argument("--tasks", default="math,choice,code,ppl",
                    help="built-in tasks, comma-separated (empty: only --file / --lm-eval tasks)")
     p.add_argument("--file", action="append", metavar="CAT=PATH", help="your own test items (as `roe eval --file`), "
@@ -502,11 +502,11 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--test-examples", type=int, default=100)
     per = "V for every category or cat=V,cat=V (default: the paper's per category)"
-    p.add_argument("--trials", dest="study_trials", help=f"TPE trials; {per}")
-    p.add_argument("--val-examples", dest="study_val_examples", help=f"validation items; {per}")
-    p.add_argument("--objective", dest="study_objective", help=f"ppl or accuracy; {per}")
-    p.add_argument("--max-tau", dest="study_max_tau", help=f"largest tau; {per}")
-    p.add_argument("--tune-skip-layers", dest="study_skip_layers", help=f"clean MoE layers at each end; {per}")
+    p.add_argument("--trials", dest="study_trials", metavar="V", help=f"TPE trials; {per}")
+    p.add_argument("--val-examples", dest="study_val_examples", metavar="V", help=f"validation items; {per}")
+    p.add_argument("--objective", dest="study_objective", metavar="V", help=f"ppl or accuracy; {per}")
+    p.add_argument("--max-tau", dest="study_max_tau", metavar="V", help=f"largest tau; {per}")
+    p.add_argument("--tune-skip-layers", dest="study_skip_layers", metavar="V", help=f"clean MoE layers at each end; {per}")
     p.add_argument("--tune", default="tau", help=f"parameters to tune, comma-separated, of: {', '.join(TUNABLE)}")
     p.add_argument("--tune-seed", type=int, default=0, help="the TPE sampler's and the tuning noise's seed")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals and verdicts")
