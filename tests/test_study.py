@@ -79,8 +79,8 @@ def test_degenerate_and_bad_input():
 ARGS = ["study", "--model", "builtin:s", "--tasks", "ppl,code", "--trials", "2", "--val-examples", "3",
         "--test-examples", "3", "--seeds", "2", "-k", "2", "--ks", "2", "--bench-tokens", "2", "--bench-repeats", "1",
         "--bootstrap-resamples", "200", "--no-progress"]
-# units: per task 2 trials + (base + 1 K x 2 seeds) evaluations + (base + 1 K) cost measurements
-TRIALS, EVALS, COSTS = 4, 6, 4
+# units: per task 2 trials + (base + 1 K x 2 seeds) evaluations + 1 cost measurement (every K)
+TRIALS, EVALS, COSTS = 4, 6, 2
 
 
 @pytest.fixture(scope="module")

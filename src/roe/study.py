@@ -314,30 +314,36 @@ def cost_prompt(st: Study, spec: TaskSpec):
 
 
 def measure_costs(st: Study, spec: TaskSpec, tau) -> list[dict]:
-    """bench.measure for the base model and RoE at every K: the median of --bench-repeats after one warm-up."""
+    """bench.measure for the base model and RoE at every K, one unit: a warm-up each, then --bench-repeats
+    interleaved rounds (as `roe bench` does, so a shared machine's slow drift hits every K alike); the median."""
     from dataclasses import asdict
 
     from .bench import _median_row, measure
 
     prompt = cost_prompt(st, spec)
-    out = []
-    for k in [1, *st.ks]:
-        method = "base" if k == 1 else "roe"
-        r = st.roster.with_config(num_samples=k, tau=tau if k > 1 else 0.0)
-        desc = {"unit": "cost", "task": spec.name, "method": method, "k": k, "tau": r.config.to_dict()["tau"],
-                "cache": r.config.cache, "prompt": prompt.tolist(), "new_tokens": st.args.bench_tokens,
-                "repeats": st.args.bench_repeats, "device": str(st.roster.model.device)}
+    ks = [1, *st.ks]
+    rosters = {k: st.roster.with_config(num_samples=k, tau=tau if k > 1 else 0.0) for k in ks}
+    desc = {"unit": "cost", "task": spec.name, "ks": ks, "tau": rosters[ks[-1]].config.to_dict()["tau"],
+            "cache": st.roster.config.cache, "prompt": prompt.tolist(), "new_tokens": st.args.bench_tokens,
+            "repeats": st.args.bench_repeats, "device": str(st.roster.model.device)}
 
-        def compute(r=r, method=method, k=k):
-            measure(r, method, k, r.config.cache, prompt, 2)  # warm-up: lazy allocations, any compilation
-            runs = [measure(r, method, k, r.config.cache, prompt, st.args.bench_tokens)
-                    for _ in range(st.args.bench_repeats)]
-            row = asdict(_median_row(runs))
-            return {f: row[f] for f in ("tokens_per_s", "ms_per_token", "peak_mem_bytes", "kv_cache_bytes",
-                                        "repeats", "ms_per_token_min", "ms_per_token_max", "compiled")}
+    def one(k, tokens):
+        r = rosters[k]
+        return measure(r, "base" if k == 1 else "roe", k, r.config.cache, prompt, tokens)
 
-        out.append({"k": k, "method": method, **st.unit(desc, compute, f"cost {spec.name} K={k}")})
-    return out
+    def compute():
+        for k in ks:
+            one(k, 2)  # warm-up: lazy allocations, any compilation
+        runs = {k: [] for k in ks}
+        for _ in range(st.args.bench_repeats):
+            for k in ks:
+                runs[k].append(one(k, st.args.bench_tokens))
+        fields = ("tokens_per_s", "ms_per_token", "peak_mem_bytes", "kv_cache_bytes", "repeats", "ms_per_token_min",
+                  "ms_per_token_max", "compiled")
+        return [{"k": k, "method": "base" if k == 1 else "roe",
+                 **{f: asdict(_median_row(runs[k]))[f] for f in fields}} for k in ks]
+
+    return st.unit(desc, compute, f"cost {spec.name}")
 
 
 def compare(rows: list[dict], costs: list[dict], args) -> dict:
@@ -424,7 +430,7 @@ def run_study(args, roster) -> dict:
         elif s.name in settings:
             s.val_items = s.val_items[: settings[s.name]["val_examples"]]
     total = sum(settings[s.name]["trials"] if s.name in settings else 0 for s in specs)
-    total += len(specs) * (1 + len(ks) * args.seeds + 1 + len(ks))
+    total += len(specs) * (1 + len(ks) * args.seeds + 1)
     bar = tqdm(total=total, desc="study", disable=args.no_progress)
     st = Study(roster, args, fingerprint(roster, args.model), State(out / "state.json", args.max_units), bar, ks,
                args.seeds)
