@@ -30,6 +30,8 @@ COMMANDS = {
     "tune": ("tune", "search the per-layer tau vector (Optuna TPE) on the validation split"),
     "bench": ("parsers:add_bench", "latency, throughput and memory of RoE against the base model"),
     "serve": ("parsers:add_serve", "OpenAI-compatible HTTP server"),
+    # study20: the paper's protocol in one command
+    "study": ("study", "does RoE help? tune, test against the base model with paired CIs, cost"),
 }
 
 

@@ -73,21 +73,32 @@ def eval_code(roster, items, progress=lambda n: None) -> TaskResult:
 
 def eval_choice(roster, items, progress=lambda n: None) -> TaskResult:
     start = time.perf_counter()
-    right = []
+    right, details = [], []
     for ex in items:
         ctx = tasks.choice.prompt(ex["question"])
         scores = roster.score([ctx] * len(ex["choices"]), [" " + c for c in ex["choices"]])
         right.append(max(range(len(scores)), key=scores.__getitem__) == ex["answer"])
+        details.append({"question": ex["question"], "scores": scores, "correct": right[-1]})
         progress(1)
-    return TaskResult("choice", "accuracy", sum(right) / len(items), len(items), time.perf_counter() - start)
+    return TaskResult("choice", "accuracy", sum(right) / len(items), len(items), time.perf_counter() - start,
+                      details=details)
 
 
 def eval_ppl(roster, items, progress=lambda n: None) -> TaskResult:
+    """Perplexity over all documents; details: each document's summed negative log-prob and token count (what a
+    paired per-document comparison needs). The same pairs and scores as `RosterOfExperts.perplexity`."""
     start = time.perf_counter()
-    texts = [ex["text"] for ex in items]
-    ppl = roster.perplexity(texts)
-    progress(len(texts))
-    return TaskResult("ppl", "perplexity", ppl, len(texts), time.perf_counter() - start)
+    pairs = []
+    for ex in items:
+        ids = roster.encode_prompt(ex["text"])
+        if len(ids) < 2:
+            raise ValueError(f"text {ex['text'][:40]!r} has fewer than 2 tokens: perplexity needs a predicted token")
+        pairs.append((ids[:1], ids[1:]))
+    lps = roster.token_logprobs(pairs)
+    details = [{"nll": -float(lp.sum()), "tokens": lp.numel()} for lp in lps]
+    ppl = math.exp(sum(d["nll"] for d in details) / sum(d["tokens"] for d in details))
+    progress(len(items))
+    return TaskResult("ppl", "perplexity", ppl, len(items), time.perf_counter() - start, details=details)
 
 
 EVALUATORS: dict[str, Callable] = {"math": eval_math, "choice": eval_choice, "code": eval_code, "ppl": eval_ppl}

@@ -107,6 +107,14 @@ class RoELM(LM):
         self.batch_size = _number(batch_size, int, "batch_size") if batch_size != "auto" else 8
         self.max_gen_toks = _number(max_gen_toks, int, "max_gen_toks")
 
+    @classmethod
+    def from_roster(cls, roster: RosterOfExperts, batch_size: int = 8, max_gen_toks: int = 256) -> RoELM:
+        """The lm-eval model over an already-loaded roster (its weights and RoE settings), e.g. for `roe study`."""
+        lm = cls.__new__(cls)
+        LM.__init__(lm)
+        lm.roster, lm.batch_size, lm.max_gen_toks = roster, batch_size, max_gen_toks
+        return lm
+
     def get_model_info(self) -> dict:
         """What lm-eval records in the results' config (as for its `hf` model), plus the RoE settings."""
         model = self.roster.model

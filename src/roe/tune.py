@@ -13,9 +13,8 @@ from pathlib import Path
 from .evaluate import EVALUATORS, load_items
 
 
-def objective_fn(roster, task: str, objective: str, items, middle: list[int], max_tau: float):
-    """Returns (optuna objective, direction)."""
-    n_layers = len(roster.routers)
+def scorer(task: str, objective: str, items):
+    """Returns (score(roster) -> the validation objective, direction). `roe study` tunes with it too."""
     if objective == "ppl":
         from . import tasks
 
@@ -33,6 +32,13 @@ def objective_fn(roster, task: str, objective: str, items, middle: list[int], ma
             return EVALUATORS[task](r, items).value
     else:
         raise ValueError(f"objective must be ppl or accuracy, got {objective!r}")
+    return score, direction
+
+
+def objective_fn(roster, task: str, objective: str, items, middle: list[int], max_tau: float):
+    """Returns (optuna objective, direction)."""
+    n_layers = len(roster.routers)
+    score, direction = scorer(task, objective, items)
 
     def fn(trial):
         taus = [0.0] * n_layers
