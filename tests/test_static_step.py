@@ -45,8 +45,10 @@ def _counting():
     return graphs, backend
 
 
+# the hybrids: Gated DeltaNet + conv (qwen3_next), Mamba (jamba), Mamba-2 (granitemoehybrid), short conv (lfm2_moe),
+# KDA (kimi_linear); MiniMax is below
 @pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe-sliding", "llama4_text",
-                                  "qwen3_next", "glm_moe_dsa"])  # qwen3_next: recurrent + conv states (hybrid)
+                                  "qwen3_next", "jamba", "granitemoehybrid", "lfm2_moe", "kimi_linear", "glm_moe_dsa"])
 def test_decode_step_is_one_graph_that_matches_eager(arch, tiny_path):
     """fullgraph=True raises on any graph break; a counting backend shows one graph for every step and pass."""
     roster = _roster(tiny_path(arch))
@@ -59,6 +61,19 @@ def test_decode_step_is_one_graph_that_matches_eager(arch, tiny_path):
     assert run.length == run.cache.length and run.length < run.capacity
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(again, compiled)  # other seeds, other noise: the graph does not bake the noise in
+
+
+def test_minimax_says_its_step_runs_eagerly_and_matches_the_uncompiled_pass(tiny_path):
+    """transformers marks MiniMax `_can_compile_fullgraph = False` (its own MiniMaxCache): RoE warns, runs the step
+    eagerly, and gives the same numbers as without compilation."""
+    roster = _roster(tiny_path("minimax"))
+    graphs, counting_backend = _counting()
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="cannot compile as one graph"):
+        eager_step, run = _decode_all(roster, compile=counting_backend)
+    plain, _ = _decode_all(roster, compile=None)
+    assert graphs == [] and not run.compiled
+    torch.testing.assert_close(eager_step, plain, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe"])
@@ -112,7 +127,8 @@ def test_the_compiled_step_grows_past_its_capacity_eagerly(tiny_path):
     assert run.capacity > capacity
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "gpt_oss", "qwen3_next", "glm_moe_dsa"])
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "gpt_oss", "qwen3_next", "jamba", "granitemoehybrid",
+                                  "lfm2_moe", "kimi_linear", "minimax", "glm_moe_dsa"])
 def test_decode_step_never_waits_for_the_device(arch, tiny_path):
     roster = _roster(tiny_path(arch))
     ids = [roster.tokenizer(p).input_ids for p in PROMPTS]

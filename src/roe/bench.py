@@ -27,6 +27,11 @@ is that first run's wall time minus the kept run's (compilation plus any other o
 graph capture). On CUDA with `nvidia-ml-py` installed, the GPU's energy counter is read through NVML around each
 decode loop: `power_w` (average) and `energy_j_per_token` (per generated token); otherwise they are null and
 `power_note` says why.
+
+The `KV KiB` column is everything a pass stores between steps: keys/values, and on a hybrid the recurrent and
+convolution states too (the clean cache keeps one per prompt, so the column is flat in K). Two random-weight
+models need no checkpoint: `--model random-olmoe-1b-7b` (OLMoE-1B-7B's shape, for GPU timing) and
+`--model random-qwen3-next-tiny` (a CPU-sized Qwen3-Next hybrid: Gated DeltaNet and full attention).
 """
 
 from __future__ import annotations
@@ -561,6 +566,34 @@ def random_olmoe_1b_7b(device: str, dtype=torch.bfloat16):
     return model.eval(), AutoTokenizer.from_pretrained(builtin_path("s"))
 
 
+def random_qwen3_next_tiny(device: str, dtype=torch.float32):
+    """A random-weight hybrid of Qwen3-Next's layout (three Gated DeltaNet layers, then full attention, twice; 32
+    experts, top 4, a shared expert) at a CPU-sized width, for the hybrid row set: stored state bytes per K and
+    RoE's cost on recurrent layers. Its router logits get a spread of ~2 so that noise changes some choices."""
+    from transformers import AutoTokenizer, Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from .builtin import builtin_path
+
+    tok = AutoTokenizer.from_pretrained(builtin_path("s"))
+    cfg = Qwen3NextConfig(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2,
+                          linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=64,
+                          linear_value_head_dim=64, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128,
+                          shared_expert_intermediate_size=256, intermediate_size=512, decoder_sparse_step=1,
+                          mlp_only_layers=[], vocab_size=len(tok), max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3NextForCausalLM(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):  # [E, hidden]: logits of std ~2 over the experts
+                p.normal_(0, 2 / cfg.hidden_size**0.5)
+    return model.eval(), tok
+
+
+RANDOM_MODELS = {"random-olmoe-1b-7b": random_olmoe_1b_7b, "random-qwen3-next-tiny": random_qwen3_next_tiny}
+
+
 def may_compile(roster) -> bool:
     """Whether RoE's decode step can be compiled under the roster's mode on its device."""
     mode = getattr(roster, "compile", "off")
@@ -762,8 +795,8 @@ def cmd_bench(args) -> int:
     compile = getattr(args, "compile", None) or "auto"
     # unset RoE flags fall back to --profile, then the model's shipped profile, then RoEConfig's defaults, as in
     # every other command
-    if args.model == "random-olmoe-1b-7b":
-        model, tok = random_olmoe_1b_7b(args.device)
+    if args.model in RANDOM_MODELS:
+        model, tok = RANDOM_MODELS[args.model](args.device)
         roster = RosterOfExperts(model, tok, roe_config(args), compile=compile)
     else:
         roster = load_roster(args)
