@@ -120,6 +120,8 @@ class RosterOfExperts:
             adapters.patch(self.model)
         c = self.config
         engine_options.setdefault("compile", self.compile_backend)
+        if c.adaptive_metric is not None:  # adaptive K: the rule that decides, per token, whether noisy samples run
+            engine_options.setdefault("adaptive", (c.adaptive_metric, c.adaptive_threshold))
         return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts,
                        aggregate=c.aggregate, capacity=capacity, **engine_options)
 

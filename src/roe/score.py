@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .engine import aggregate, pad_batch
+from .engine import pad_batch
 
 CHUNK = 64  # positions per forward at most: also bounds the model's activations when the vocabulary is small
 SCORE_BATCH = 8  # items per batch at most
@@ -89,7 +89,7 @@ def continuation_logprobs(roster, pairs: list[tuple[list[int], list[int]]], seed
     picked, greedy = [], []
     for i in range(0, steps, positions):
         logits = run.forward(chunk[:, i : i + positions], chunk_mask[:, i : i + positions])  # [B, K, s, V]
-        logp = aggregate(logits, roster.config.aggregate)  # [B, s, V] float32
+        logp = run.combine(logits)  # [B, s, V] float32 (with adaptive K: the clean distribution where skipped)
         del logits
         target = targets[:, i : i + positions].to(logp.device)
         picked.append(logp.gather(-1, target[..., None])[..., 0].cpu())  # [B, s]
