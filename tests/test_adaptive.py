@@ -192,3 +192,46 @@ def test_profile_carries_the_setting(tmp_path):
     (tmp_path / "p.json").write_text(__import__("json").dumps(cfg.to_dict()))
     loaded = RoEConfig.from_profile(tmp_path / "p.json")
     assert (loaded.adaptive_metric, loaded.adaptive_threshold) == ("margin", 0.25)
+
+
+def test_cli_flags(capsys):
+    from roe.cli import main
+
+    prompt = ["generate", "x = 2\nprint(x + 3)\n# Output:\n", "--model", "builtin", "--tau", "0.5", "--seed", "0",
+              "--max-new-tokens", "4"]
+    assert main([*prompt, "-k", "1"]) == 0
+    base = capsys.readouterr().out
+    assert main([*prompt, "-k", "4", "--adaptive-metric", "entropy", "--adaptive-threshold", "1e6"]) == 0
+    assert capsys.readouterr().out == base  # every token skipped: the base model's text
+    assert main([*prompt, "--adaptive-threshold", "0.5"]) == 2
+    assert "adaptive_metric is not" in capsys.readouterr().err
+    assert main([*prompt, "--adaptive-metric", "off", "--adaptive-threshold", "0.5"]) == 2
+    assert "drop one of them" in capsys.readouterr().err
+
+
+def test_vllm_settings_refuse_it_in_one_line():
+    from types import SimpleNamespace
+
+    from roe.vllm.settings import RoESettingsError, settings_from_hf_config
+
+    assert settings_from_hf_config(SimpleNamespace(roe={"num_samples": 4, "tau": 0.3})).adaptive_metric is None
+    with pytest.raises(RoESettingsError) as e:
+        settings_from_hf_config(SimpleNamespace(roe={"adaptive_metric": "margin", "adaptive_threshold": 0.2}))
+    assert "not implemented in the vLLM plugin" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(RoESettingsError, match="roe: adaptive_metric must be one of"):
+        settings_from_hf_config(SimpleNamespace(roe={"adaptive_metric": "x", "adaptive_threshold": 0.2}))
+
+
+def test_tune_includes_the_threshold(tmp_path):
+    import json
+
+    from roe.cli import main
+
+    out = tmp_path / "tuned.json"
+    common = ["tune", "--model", "builtin", "--task", "math", "--objective", "ppl", "-k", "2", "--val-examples", "3",
+              "--seed", "0", "-o", str(out), "--trials", "3", "--tune-threshold"]
+    assert main([*common, "--adaptive-metric", "margin"]) == 0
+    profile = json.loads(out.read_text())
+    assert profile["adaptive_metric"] == "margin" and 0 <= profile["adaptive_threshold"] <= 1
+    assert RoEConfig.from_profile(out).adaptive_threshold == profile["adaptive_threshold"]
+    assert main(common) == 2  # no metric to tune the threshold of
