@@ -1,68 +1,74 @@
-"""Adaptive K against fixed K on a built-in checkpoint: quality, speed, and the experts a decode step reads.
+"""Adaptive K against fixed K on a built-in checkpoint: quality, the tokens that run noisy samples, the experts a
+decode step visits, and speed.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/adaptive_k.py [--model builtin:s] [--texts 40] [--prompts 4] [--tau T]
+    PYTHONPATH=src .venv/bin/python benchmarks/adaptive_k.py [--model builtin:s] [--texts 40] [--tau T]
 
-Rows: the base model (K = 1), fixed K (the checkpoint's profile, K = 8), and adaptive K at a few thresholds of
-each metric. Columns:
-- noisy: the fraction of tokens whose noisy samples took effect, over the decoded tokens and the scored ones
-- ppl: perplexity of `--texts` built-in test texts (teacher-forced; RoE scoring applies the same rule)
-- tok/s: greedy decode speed, B = 1, the engine's default expert dispatch, and transformers' grouped_mm
-- experts/layer/step: the distinct experts the K rows of a prompt visit per MoE layer per decode step (what
-  grouped_mm reads; the dense CPU dispatch reads every expert whatever the rows choose)
-Writes benchmarks/results/adaptive-k-<model>.json and prints a Markdown table.
+Quality (perplexity of `--texts` built-in test texts, teacher-forced). Under the clean cache adaptive K's
+distribution at a position is exactly fixed K's where the rule runs the noisy samples and the clean one where it
+skips (tests/test_adaptive.py checks this against the engine), so one clean and one fixed-K pass per text give
+the perplexity at every threshold; the engine's own adaptive scoring (`roster.perplexity`) is run for one
+threshold per metric and must agree. Two rules side by side:
+- "previous" (what the engine does): the clean prediction the input token was drawn from (position t-1);
+- "current" (not implementable in one pass, for reference only): the clean prediction being made (position t),
+  which needs the clean row's output before routing the noisy rows.
+Decode (greedy, B = 1, `--prompts` prompts, expert recording): the fraction of decoded tokens with noisy samples
+and the distinct experts the K rows of a prompt visit per MoE layer per step (what grouped_mm reads; the engine's
+dense CPU dispatch for small float32 experts reads every expert whatever the rows choose).
+Speed: tokens/s, interleaved rounds over the configurations, best round kept (the CPU is shared), for the engine's
+default dispatch and for transformers' grouped_mm.
+Writes benchmarks/results/adaptive-k-<model>[-tauT].json and prints Markdown tables.
 """
 
 import argparse
 import json
+import math
 import platform
-import time
 from pathlib import Path
 
 import torch
 
-import roe.engine
 from roe import RoEConfig, RosterOfExperts
-from roe.bench import ABLATIONS, measure
+from roe.bench import measure
 from roe.builtin import resolve_model
+from roe.engine import aggregate, uncertain
 from roe.evaluate import load_items
 
 HERE = Path(__file__).parent
-SETTINGS = [(None, None)] + [("entropy", t) for t in (0.05, 0.2, 0.5, 1.0)] + [("margin", t) for t in (0.5, 0.9, 0.99)]
+THRESHOLDS = {"entropy": (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), "margin": (0.2, 0.5, 0.8, 0.9, 0.95, 0.99)}
+ENGINE_CHECK = {"entropy": 0.2, "margin": 0.9}  # one threshold per metric scored by the engine itself
+DECODE = [(None, None), ("entropy", 0.05), ("entropy", 0.5), ("margin", 0.9), ("margin", 0.5)]
 
 
-def count_gates(fn):
-    """Run fn() and count the gates RoEPass.combine applies (scored positions with noisy samples / all)."""
-    seen = [0, 0]
-    original = roe.engine.RoEPass.combine
-
-    def combine(self, logits):
-        if self.last_gate is not None:
-            gate = self.last_gate[: logits.shape[0]]
-            seen[0] += int(gate.sum())
-            seen[1] += gate.numel()
-        return original(self, logits)
-    roe.engine.RoEPass.combine = combine
-    try:
-        return fn(), seen
-    finally:
-        roe.engine.RoEPass.combine = original
-
-
-def perplexity(roster, texts):
-    """Perplexity, and the noisy fraction over the scored positions (one text per batch: no padding counted)."""
-    if roster.config.adaptive_metric is None:
-        return roster.perplexity(texts), 1.0 if roster.config.num_samples > 1 else 0.0
-    total, count, seen = 0.0, 0, [0, 0]
+def per_position(base, fixed, texts):
+    """Per scored position of every text: clean logits' rule inputs and the target log-probs, clean and fixed K."""
+    rows = []
     for t in texts:
-        ids = roster.encode_prompt(t)
-        (lp,), s = count_gates(lambda: roster.token_logprobs([(ids[:1], ids[1:])]))
-        total, count = total + float(lp.sum()), count + lp.numel()
-        seen = [seen[0] + s[0], seen[1] + s[1]]
-    return float(torch.tensor(-total / count).exp()), seen[0] / seen[1]
+        ids = torch.tensor([base.encode_prompt(t)])
+        inputs, targets = ids[:, :-1], ids[0, 1:]
+        out = {}
+        for name, r in (("clean", base), ("fixed", fixed)):
+            run = r.new_pass([r.config.seed], capacity=ids.shape[1], compile=None)
+            logp = aggregate(run.forward(inputs), r.config.aggregate)[0]  # [S, V]
+            out[name] = logp.gather(-1, targets[:, None])[:, 0]
+            if name == "clean":
+                out["logits"] = logp
+        rows.append(out)
+    return rows
+
+
+def compose(rows, metric, threshold, rule):
+    """(perplexity, noisy fraction) of adaptive K from the per-position results."""
+    total = count = noisy = 0
+    for r in rows:
+        wants = uncertain(r["logits"], metric, threshold)  # [S] the rule applied to each clean prediction
+        gate = torch.cat([torch.ones(1, dtype=torch.bool), wants[:-1]]) if rule == "previous" else wants
+        lp = torch.where(gate, r["fixed"], r["clean"])
+        total, count, noisy = total + float(lp.sum()), count + lp.numel(), noisy + int(gate.sum())
+    return math.exp(-total / count), noisy / count
 
 
 def decode_experts(roster, prompts, new_tokens):
-    """Greedy decode with expert recording: (noisy fraction, distinct experts per MoE layer per step, per row)."""
+    """Greedy decode with expert recording: (noisy fraction, distinct experts per MoE layer per step)."""
     noisy = steps = 0
     distinct = []
     for p in prompts:
@@ -78,14 +84,22 @@ def decode_experts(roster, prompts, new_tokens):
     return noisy / steps, sum(distinct) / len(distinct)
 
 
-def speed(roster, prompt, new_tokens, repeats):
-    """Best-of-`repeats` tokens/s: the engine's dispatch, then transformers' grouped_mm (its dispatch kept)."""
-    k, out = roster.config.num_samples, []
-    for engine in ("optimised", "transformers' expert dispatch"):
-        rows = [measure(roster, "roe", k, "clean", prompt, new_tokens, engine=engine, compile="off")
-                for _ in range(repeats)]
-        out.append(max(r.tokens_per_s for r in rows))
-    return out
+def speed(configs, prompt, new_tokens, rounds):
+    """Best tokens/s over interleaved rounds, per (configuration, dispatch)."""
+    best = {}
+    for _ in range(rounds):
+        for name, r in configs:
+            for engine in ("optimised", "transformers' expert dispatch"):
+                row = measure(r, "roe", r.config.num_samples, "clean", prompt, new_tokens, engine=engine,
+                              compile="off")
+                best[name, engine] = max(best.get((name, engine), 0.0), row.tokens_per_s)
+    return best
+
+
+def label(metric, threshold, k):
+    if k == 1:
+        return "base (K = 1)"
+    return "fixed K" if metric is None else f"{metric} {threshold:g}"
 
 
 def main():
@@ -95,46 +109,72 @@ def main():
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tau", type=float, help="one tau for the middle MoE layers instead of the profile's")
     args = p.parse_args()
     path, profile = resolve_model(args.model)
-    base = RosterOfExperts.from_pretrained(path, roe=profile or RoEConfig(num_samples=8, tau=0.2))
-    base.eos_token_ids = set()  # decode the full length
+    fixed = RosterOfExperts.from_pretrained(path, roe=profile or RoEConfig(num_samples=8, tau=0.2))
+    fixed.eos_token_ids = set()  # decode the full length
     if args.tau is not None:
-        base = base.with_config(tau=args.tau, skip_layers=1)
+        fixed = fixed.with_config(tau=args.tau, skip_layers=1)
+    base = fixed.with_config(num_samples=1)
     texts = [ex["text"] for ex in load_items("ppl", "test", args.texts)]
-    prompts = [torch.tensor([base.encode_prompt(t)[: args.prompt_tokens]]) for t in texts[: args.prompts]]
-    rows = []
-    settings = [("base", None)] + SETTINGS
-    for metric, threshold in settings:
-        if metric == "base":
-            r = base.with_config(num_samples=1)
-        else:
-            r = base.with_config(adaptive_metric=metric, adaptive_threshold=threshold)
-        start = time.perf_counter()
-        ppl, scored_noisy = perplexity(r, texts)
-        decoded_noisy, experts = decode_experts(r, prompts, args.new_tokens)
-        fast, grouped = speed(r, prompts[0], args.new_tokens, args.repeats)
-        rows.append(dict(metric=metric, threshold=threshold, k=r.config.num_samples, ppl=ppl,
-                         noisy_scored=scored_noisy, noisy_decoded=decoded_noisy, experts_per_layer_step=experts,
-                         tokens_per_s=fast, tokens_per_s_grouped_mm=grouped, seconds=time.perf_counter() - start))
-        print(json.dumps(rows[-1]), flush=True)
-    doc = dict(model=args.model, tau=list(base.config.tau) if isinstance(base.config.tau, tuple) else base.config.tau,
-               texts=args.texts, prompts=args.prompts, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-               threads=torch.get_num_threads(), device="cpu", torch=torch.__version__,
-               python=platform.python_version(), rows=rows, note=f"engine ablations: {sorted(ABLATIONS)}")
+    rows = per_position(base, fixed, texts)
+    count = sum(r["clean"].numel() for r in rows)
+    quality = {name: math.exp(-sum(float(r[name].sum()) for r in rows) / count) for name in ("clean", "fixed")}
+    quality["base"] = quality.pop("clean")
+    curves = []
+    for metric, thresholds in THRESHOLDS.items():
+        for t in thresholds:
+            for rule in ("previous", "current"):
+                ppl, frac = compose(rows, metric, t, rule)
+                curves.append(dict(metric=metric, threshold=t, rule=rule, ppl=ppl, noisy=frac))
+    checks = []
+    for metric, t in ENGINE_CHECK.items():  # the engine's own adaptive scoring, against the composition
+        engine = fixed.with_config(adaptive_metric=metric, adaptive_threshold=t).perplexity(texts)
+        checks.append(dict(metric=metric, threshold=t, engine_ppl=engine,
+                           composed_ppl=compose(rows, metric, t, "previous")[0]))
+    prompts = [torch.tensor([fixed.encode_prompt(t)[: args.prompt_tokens]]) for t in texts[: args.prompts]]
+    configs = [("base (K = 1)", base)] + [
+        (label(m, t, 8), fixed if m is None else fixed.with_config(adaptive_metric=m, adaptive_threshold=t))
+        for m, t in DECODE]
+    decoded = {name: decode_experts(r, prompts, args.new_tokens) for name, r in configs}
+    fast = speed(configs, prompts[0], args.new_tokens, args.rounds)
+    doc = dict(model=args.model, tau=list(fixed.config.tau) if isinstance(fixed.config.tau, tuple) else fixed.config.tau,
+               k=fixed.config.num_samples, texts=args.texts, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+               new_tokens=args.new_tokens, rounds=args.rounds, threads=torch.get_num_threads(),
+               torch=torch.__version__, python=platform.python_version(), quality=quality, curves=curves,
+               engine_checks=checks,
+               decode=[dict(config=n, noisy=decoded[n][0], experts_per_layer_step=decoded[n][1],
+                            tokens_per_s=fast[n, "optimised"],
+                            tokens_per_s_grouped_mm=fast[n, "transformers' expert dispatch"]) for n, _ in configs])
     name = args.model.replace(":", "-") + ("" if args.tau is None else f"-tau{args.tau:g}")
     out = HERE / "results" / f"adaptive-k-{name}.json"
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    print("| rule | K | noisy tokens (decoded / scored) | ppl | tok/s (default / grouped_mm) | experts/layer/step |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        rule = "base (K = 1)" if r["metric"] == "base" else (
-            "fixed K" if r["metric"] is None else f"{r['metric']} {r['threshold']:g}")
-        print(f"| {rule} | {r['k']} | {r['noisy_decoded']:.2f} / {r['noisy_scored']:.2f} | {r['ppl']:.4f} | "
-              f"{r['tokens_per_s']:.1f} / {r['tokens_per_s_grouped_mm']:.1f} | {r['experts_per_layer_step']:.2f} |")
+    report(doc)
     print(f"wrote {out}")
+
+
+def report(doc):
+    q = doc["quality"]
+    print(f"perplexity: base {q['base']:.4f}, fixed K = {doc['k']} {q['fixed']:.4f}")
+    print("\n| rule | threshold | noisy tokens (previous / current) | ppl (previous / current) | share of fixed K's gain (previous) |")
+    print("|---|---|---|---|---|")
+    by = {(c["metric"], c["threshold"], c["rule"]): c for c in doc["curves"]}
+    for metric, thresholds in THRESHOLDS.items():
+        for t in thresholds:
+            a, b = by[metric, t, "previous"], by[metric, t, "current"]
+            gain = (q["base"] - a["ppl"]) / (q["base"] - q["fixed"]) if q["base"] != q["fixed"] else float("nan")
+            print(f"| {metric} | {t:g} | {a['noisy']:.2f} / {b['noisy']:.2f} | {a['ppl']:.4f} / {b['ppl']:.4f} | "
+                  f"{gain:.0%} |")
+    for c in doc["engine_checks"]:
+        print(f"engine check {c['metric']} {c['threshold']:g}: engine ppl {c['engine_ppl']:.6f}, "
+              f"composed {c['composed_ppl']:.6f}")
+    print("\n| decode config | noisy tokens | experts/layer/step | tok/s (default dispatch) | tok/s (grouped_mm) |")
+    print("|---|---|---|---|---|")
+    for d in doc["decode"]:
+        print(f"| {d['config']} | {d['noisy']:.2f} | {d['experts_per_layer_step']:.2f} | {d['tokens_per_s']:.1f} | "
+              f"{d['tokens_per_s_grouped_mm']:.1f} |")
 
 
 if __name__ == "__main__":
