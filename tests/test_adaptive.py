@@ -235,3 +235,26 @@ def test_tune_includes_the_threshold(tmp_path):
     assert profile["adaptive_metric"] == "margin" and 0 <= profile["adaptive_threshold"] <= 1
     assert RoEConfig.from_profile(out).adaptive_threshold == profile["adaptive_threshold"]
     assert main(common) == 2  # no metric to tune the threshold of
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next"])  # a hybrid: its chunks run one position at a time (state.py)
+def test_hybrid_scoring_equals_decoding(tiny_path, arch):
+    path = tiny_path(arch)
+    tokens = torch.tensor([[5, 9, 13, 7, 11, 3]] * len(PROMPTS))
+    clean, _ = _forced(_roster(path, num_samples=1), PROMPTS, tokens)
+    threshold = float(_entropy(clean).flatten().median())  # some tokens skipped, some not
+    roster = _roster(path, adaptive_metric="entropy", adaptive_threshold=threshold)
+    passes = []
+    original = roster.new_pass
+
+    def new_pass(*a, **kw):  # keep the passes, to read the scoring pass's gates
+        passes.append(original(*a, **kw))
+        return passes[-1]
+    roster.new_pass = new_pass
+    decoded, _ = _forced(roster, PROMPTS, tokens)
+    pairs = [(roster.tokenizer(p).input_ids, tokens[b].tolist()) for b, p in enumerate(PROMPTS)]
+    scored = continuation_logprobs(roster, pairs, [3, 9], positions=STEPS)
+    used = passes[-1].last_gate  # the scoring pass: the gate of every continuation position
+    assert used.shape == (2, STEPS) and used.any() and not used.all()
+    for b, (lp, _) in enumerate(scored):
+        torch.testing.assert_close(lp, decoded[b].gather(-1, tokens[b][:, None])[:, 0], atol=1e-5, rtol=1e-5)
