@@ -258,3 +258,11 @@ def test_hybrid_scoring_equals_decoding(tiny_path, arch):
     assert used.shape == (2, STEPS) and used.any() and not used.all()
     for b, (lp, _) in enumerate(scored):
         torch.testing.assert_close(lp, decoded[b].gather(-1, tokens[b][:, None])[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_lm_eval_model_args():
+    harness = pytest.importorskip("roe.harness")
+    lm = harness.RoELM(pretrained="builtin", num_samples=2, adaptive_metric="margin", adaptive_threshold="0.3")
+    assert (lm.roster.config.adaptive_metric, lm.roster.config.adaptive_threshold) == ("margin", 0.3)
+    with pytest.raises(ValueError, match="adaptive_threshold is set but adaptive_metric is not"):
+        harness.RoELM(pretrained="builtin", adaptive_threshold="0.3")
