@@ -79,6 +79,17 @@ def test_completions_and_chat(client, roster):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
+def test_adaptive_k_per_request(client, roster):
+    """A request's adaptive K reaches the engine: skipping every token is the base model; skipping none is K."""
+    kw = dict(model="tiny", prompt="The cat", max_tokens=6, temperature=0)
+    none = {"num_samples": 4, "tau": 0.8, "adaptive_metric": "margin", "adaptive_threshold": 1}
+    every = {**none, "adaptive_threshold": 0}
+    assert client.completions.create(**kw, extra_body={"roe": every}).choices[0].text == \
+        roster.with_config(num_samples=1).generate("The cat", max_new_tokens=6)[0]
+    assert client.completions.create(**kw, extra_body={"roe": none}).choices[0].text == \
+        roster.with_config(num_samples=4, tau=0.8).generate("The cat", max_new_tokens=6)[0]
+
+
 def test_streaming_matches_non_streaming(client):
     kw = dict(model="tiny", prompt="Hello", max_tokens=12, temperature=0.9, seed=3,
               extra_body={"roe": {"num_samples": 8, "tau": 0.5, "cache": "full"}})
@@ -244,6 +255,11 @@ BASE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
         ({**BASE, "roe": {"tau": "0.3"}}, 400, "roe.tau: tau must be a number or a non-empty list"),
         ({**BASE, "roe": {"tau": [0.1, 0.2]}}, 400, "tau has 2 values but the model has 4 MoE layers"),
         ({**BASE, "roe": {"temperature": 2}}, 400, "unsupported parameter: roe.temperature"),
+        ({**BASE, "roe": {"adaptive_metric": "entropy"}}, 400, "needs a finite number adaptive_threshold"),
+        ({**BASE, "roe": {"adaptive_metric": "margin", "adaptive_threshold": 2}}, 400, "in [0, 1]"),
+        ({**BASE, "roe": {"adaptive_metric": "off", "adaptive_threshold": 0.5}}, 400, "drop one of them"),
+        ({**BASE, "roe": {"adaptive_metric": "entropy", "adaptive_threshold": 1, "cache": "full"}}, 400,
+         "adaptive_metric needs cache='clean'"),
         ({**BASE, "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist; this server serves 'tiny'"),
         ({**BASE, "roe": {"num_samples": 17}}, 400, "at most 16"),
         ({**BASE, "max_tokens": 33}, 400, "at most 32"),

@@ -801,6 +801,8 @@ def cmd_bench(args) -> int:
     else:
         roster = load_roster(args)
         roster.compile = compile
+    if roster.config.adaptive_metric is not None and "full" in caches:
+        raise ValueError("adaptive K runs under the clean cache only: pass --cache clean")
     torch.manual_seed(0)
     device = str(roster.model.device)
     if device == "cpu":
@@ -808,6 +810,8 @@ def cmd_bench(args) -> int:
     else:
         device += f" ({torch.cuda.get_device_name()})"
     title = f"roe bench: {args.model}, tau={roster.config.tau}, {args.prompt_tokens} prompt tokens, {device}"
+    if roster.config.adaptive_metric is not None:  # RoE rows run adaptive K (benchmarks/adaptive_k.py compares)
+        title += f", adaptive K: {roster.config.adaptive_metric} {roster.config.adaptive_threshold:g}"
     meter = PowerMeter(roster.model.device)
 
     def save(rows, complete):

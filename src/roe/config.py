@@ -12,6 +12,13 @@ SEED_RANGE = (0, 1 << 63)  # seeds are stored as int64 tensors and must be non-n
 
 AGGREGATES = ("probs", "logits", "logprobs")
 CACHES = ("clean", "full")
+# adaptive K: the clean path's uncertainty that decides whether a token's noisy samples take effect (engine.py)
+ADAPTIVE_METRICS = ("entropy", "margin")
+
+
+# the settings a profile JSON may carry (written by `roe tune`)
+PROFILE_FIELDS = ("num_samples", "tau", "skip_layers", "aggregate", "cache", "seed", "adaptive_metric",
+                  "adaptive_threshold")
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,8 @@ class RoEConfig:
     aggregate: str = "probs"  # mean of softmax (the paper's), mean of logits, or mean of log-softmax
     cache: str = "clean"  # one shared clean KV cache, or one cache per sample
     seed: int = 0
+    adaptive_metric: str | None = None  # adaptive K: None (every token runs its K-1 noisy samples), "entropy", "margin"
+    adaptive_threshold: float | None = None  # noisy samples run where entropy > it (nats) or top-2 margin < it
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # provenance from a profile
 
     def __post_init__(self):
@@ -50,6 +59,27 @@ class RoEConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+        self._check_adaptive()
+
+    def _check_adaptive(self) -> None:
+        metric, threshold = self.adaptive_metric, self.adaptive_threshold
+        if metric is None:
+            if threshold is not None:
+                raise ValueError("adaptive_threshold is set but adaptive_metric is not: give adaptive_metric "
+                                 f"({' or '.join(ADAPTIVE_METRICS)}) too")
+            return
+        if metric not in ADAPTIVE_METRICS:
+            raise ValueError(f"adaptive_metric must be one of {', '.join(ADAPTIVE_METRICS)} or None, got {metric!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"adaptive_metric={metric!r} needs a finite number adaptive_threshold, got {threshold!r}")
+        if metric == "entropy" and threshold < 0:
+            raise ValueError(f"adaptive_threshold for entropy is in nats and must be >= 0, got {threshold}")
+        if metric == "margin" and not 0 <= threshold <= 1:
+            raise ValueError(f"adaptive_threshold for margin is a probability gap in [0, 1], got {threshold}")
+        if self.cache != "clean":
+            raise ValueError("adaptive_metric needs cache='clean': under the full cache a skipped token's noisy "
+                             "rows keep their own history, so they would not equal the clean row")
+        object.__setattr__(self, "adaptive_threshold", float(threshold))
 
     def replace(self, **changes) -> RoEConfig:
         unknown = set(changes) - {f for f in self.__dataclass_fields__ if f != "extra"}
@@ -76,6 +106,6 @@ class RoEConfig:
             raise ValueError(f"profile {path} is not valid JSON: {e}") from None
         if not isinstance(data, dict) or "tau" not in data:
             raise ValueError(f"profile {path} must be a JSON object with at least 'tau' (and usually 'num_samples')")
-        fields = {k: data[k] for k in ("num_samples", "tau", "skip_layers", "aggregate", "cache", "seed") if k in data}
+        fields = {k: data[k] for k in PROFILE_FIELDS if k in data}
         fields.update(overrides)
         return cls(**fields, extra={"profile": str(path), **{k: v for k, v in data.items() if k not in fields}})

@@ -26,6 +26,24 @@ advanced in place, and the routing noise is a pure function of (seed, position,
 sample, layer, expert) computed inside the step (routing.gumbel_noise). Nothing
 in a step reads a device value back to the host, so the step compiles as one
 graph (torch.compile fullgraph) and, on CUDA, replays as CUDA graphs.
+
+Adaptive K (RoEConfig.adaptive_metric, clean cache only): whether a token's K-1
+noisy samples take effect is decided from the clean distribution its input token
+was drawn from (the previous position's clean prediction), which is known when
+the step starts and kept on the device (`gate`, [B] bool). The clean row's
+distribution for the token being predicted is only known after the forward,
+while routing happens inside it; deciding from the previous one keeps the step
+one forward, one graph, no read-back. A skipped token's noisy rows keep the
+model's own routing (their noisy choice is not written), so they visit exactly
+the clean row's experts and compute the clean row's output (clean cache: same
+history, same input): grouped_mm then reads no expert the clean rows do not
+(the dense CPU path reads every expert whatever the rows choose), and the
+aggregate is set to the clean distribution exactly. Under the clean cache a
+noisy row at a position depends on nothing but the clean history and its own
+noise, so a non-skipped position's aggregate is exactly fixed-K RoE's: scoring
+runs the chunk at fixed K and applies the same per-position rule afterwards
+(`combine`), so it equals decoding token by token. A two-pass step (clean first,
+then the noisy rows where needed) would read the experts' weights twice.
 """
 
 from __future__ import annotations
@@ -81,6 +99,7 @@ class _Step:
     fold: bool = True  # read the clean history once for all K samples (False: K copies, for the benchmark)
     chosen: list | None = None  # per MoE layer [rows, top_k], when recording (eager only)
     memo: dict = field(default_factory=dict)  # eager only: masks and widened inputs that every layer shares
+    gate: torch.Tensor | None = None  # [B] bool, adaptive K, one-position steps: where the noisy rows take effect
 
     def remember(self, key, make):
         """make() once per forward in eager mode; under torch.compile the graph shares the computation itself."""
@@ -103,7 +122,10 @@ class _Step:
         def make():
             B, S = self.positions.shape
             sample = torch.arange(self.k, device=self.positions.device) > 0
-            return sample[None, :, None].expand(B, self.k, S).reshape(-1, 1)
+            rows = sample[None, :, None].expand(B, self.k, S)
+            if self.gate is not None:  # adaptive K: a skipped prompt's noisy rows keep the clean routing
+                rows = rows & self.gate[:, None, None]
+            return rows.reshape(-1, 1)
         return self.remember("noisy_rows", make)
 
     def noise_for(self, layer: int, num_experts: int) -> torch.Tensor:
@@ -458,6 +480,26 @@ def aggregate(logits: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown aggregate {how!r}")
 
 
+def uncertain(logits: torch.Tensor, metric: str, threshold: float) -> torch.Tensor:
+    """Adaptive K's rule: clean logits [..., V] -> [...] bool, True where the clean prediction is uncertain enough
+    that the next token's noisy samples take effect (entropy in nats above, or top-2 probability margin below,
+    the threshold)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if metric == "entropy":
+        return torch.special.entr(probs).sum(-1) > threshold  # entr: 0 where a probability is 0 (no 0 * -inf)
+    top = probs.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1] < threshold
+
+
+def aggregate_gated(logits: torch.Tensor, how: str, gate: torch.Tensor | None) -> torch.Tensor:
+    """`aggregate`, with the clean row's distribution itself where gate [B, ...] is False (adaptive K skipped the
+    position: its noisy rows are the clean row, up to the rounding of batched arithmetic)."""
+    out = aggregate(logits, how)
+    if gate is None or logits.shape[1] == 1:
+        return out
+    return torch.where(gate[..., None], out, F.log_softmax(logits[:, 0].float(), dim=-1))
+
+
 class RoEPass:
     """One batched RoE run over B sequences: `prefill` the history, then `decode` tokens or `forward` chunks.
 
@@ -471,12 +513,13 @@ class RoEPass:
     share_layers, fold_samples and choose_dispatch switch off the engine's optimisations (shared leading
     layers; the clean history read once for all samples; expert dispatch chosen per layer shape, see
     experts.py) for the benchmark's before/after rows; results are the same either way, up to float rounding.
+    adaptive: (metric, threshold) of adaptive K (see the module's docstring), or None: every token at K.
     """
 
     def __init__(self, model, taus: list[float], num_experts: list[int], num_samples: int, cache: str,
                  seeds: list[int], record_experts: bool = False, share_layers: bool = True,
                  fold_samples: bool = True, choose_dispatch: bool = True, aggregate: str = "probs",
-                 capacity: int | None = None, compile: str | None = None):
+                 capacity: int | None = None, compile: str | None = None, adaptive: tuple | None = None):
         self.model = model
         self.cache_arg = cache_argument(model)  # the forward keyword of the KV cache in this transformers
         self.taus = taus
@@ -487,6 +530,9 @@ class RoEPass:
         self.record = record_experts
         self.fold = fold_samples
         self.choose_dispatch = choose_dispatch
+        self.adaptive = adaptive if num_samples > 1 else None  # K = 1: nothing to skip
+        if self.adaptive is not None and not self.clean:
+            raise ValueError("adaptive K needs cache='clean'")
         noisy = [layer for (layer, _), tau in zip(find_moe_layers(model), taus) if tau > 0]
         # the decoder layer where a prompt's K samples separate (None: they never do)
         self.fanout = (noisy[0] if noisy else None) if share_layers else 0
@@ -535,6 +581,8 @@ class RoEPass:
         self.valid = state.valid  # [B, capacity] bool: slots that hold real tokens
         self.next_pos = state.next_pos  # [B, 1] position of each prompt's next token
         self.slot = state.slot  # [1] the next slot, for the static step
+        self.gate = state.gate  # [B] bool, adaptive K: whether the next input token's noisy samples take effect
+        self.last_gate: torch.Tensor | None = None  # [B, S] the gate of each position of the last forward
 
     @property
     def compiled(self) -> bool:
@@ -557,6 +605,12 @@ class RoEPass:
         logits = self._run(self._idle_rows(ids, 0), self._idle_rows(mask.bool(), False), self.k, logits_to_keep=0)
         return logits[: self.batch]
 
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """The aggregated log-probs [B, S, V] of the last `forward`'s logits [B, K, S, V]: `aggregate`, and with
+        adaptive K the clean distribution at the positions it skipped (the chunk ran every position at K)."""
+        gate = None if self.adaptive is None or self.last_gate is None else self.last_gate[: logits.shape[0]]
+        return aggregate_gated(logits, self.how, gate)
+
     def _idle_rows(self, t: torch.Tensor, fill) -> torch.Tensor:
         """t [batch, ...] -> [B, ...]: the rows a compiled pass adds to round its batch up, filled with `fill`
         (padding that no valid slot ever shows to a real row)."""
@@ -569,7 +623,7 @@ class RoEPass:
         alive = torch.ones(ids.shape[0], dtype=torch.bool) if alive is None else alive.reshape(ids.shape[0])
         ids, alive = self._idle_rows(ids, 0), self._idle_rows(alive.bool(), False)
         if self.compile is None or self.cache.empty or self.length + 1 > self.capacity:
-            out = aggregate(self._run(ids, alive[:, None], self.k, logits_to_keep=0)[:, :, -1], self.how)
+            out = self.combine(self._run(ids, alive[:, None], self.k, logits_to_keep=0))[:, -1]
             return out[: self.batch]
         # fresh tensors with the canonical strides (a [1, 1] slice keeps its parent's, and the graph is
         # specialised to strides): one graph whichever tensor the caller hands in
@@ -614,10 +668,25 @@ class RoEPass:
 
     def _step(self, k: int, positions, slots, valid) -> _Step:
         record = [None] * len(self.taus) if self.record else None
+        # adaptive K gates the noise of one-position steps; a longer chunk runs at K and `combine` applies the rule
+        gate = self.gate if self.adaptive is not None and k > 1 and positions.shape[1] == 1 else None
         return _Step(k=k, fanout=self.fanout if k > 1 else None, noisy=self.noisy if k > 1 else frozenset(),
                      taus=self.tau_values, seeds=self.seeds, positions=positions, slots=slots, valid=valid,
                      windows=self.windows, cache=self.cache if self.clean else None, fold=self.fold, chosen=record,
-                     chunks=self.chunks, owners=self.owners)
+                     chunks=self.chunks, owners=self.owners, gate=gate)
+
+    def _advance_gate(self, clean: torch.Tensor, mask: torch.Tensor) -> None:
+        """Adaptive K after a forward: clean logits [B, S', V] of the chunk's last S' positions (mask [B, S]: its
+        real tokens) -> last_gate [B, S'], the gate each of those positions ran under, and the gate for the next
+        token. A position's gate is the rule applied to the clean prediction at the last real token before it;
+        with none (the first token, or padding only) the noisy samples take effect."""
+        shown = mask[:, mask.shape[1] - clean.shape[1]:]  # [B, S'] the positions the logits belong to
+        wants = uncertain(clean, *self.adaptive)  # [B, S'] the rule applied to each position's clean prediction
+        S = shown.shape[1]
+        last = torch.where(shown, torch.arange(S, device=shown.device), -1).cummax(1).values  # [B, S']
+        after = torch.where(last >= 0, wants.gather(1, last.clamp(min=0)), self.gate[:, None])  # [B, S']
+        self.last_gate = torch.cat([self.gate[:, None], after[:, :-1]], dim=1)
+        self.gate.copy_(after[:, -1])
 
     def _reserve(self, slots: int) -> None:
         if slots <= self.capacity:
@@ -636,7 +705,12 @@ class RoEPass:
         B, S = ids.shape
         if steps_one_position_at_a_time(self.recurrent, self.length, S,
                                         self.clean and k > 1 and self.fanout is not None):
-            outs = [self._run(ids[:, s : s + 1], mask[:, s : s + 1], k, logits_to_keep) for s in range(S)]
+            outs, gates = [], []
+            for s in range(S):
+                outs.append(self._run(ids[:, s : s + 1], mask[:, s : s + 1], k, logits_to_keep))
+                gates.append(self.last_gate)
+            if self.adaptive is not None:
+                self.last_gate = gates[-1] if logits_to_keep == 1 else torch.cat(gates, dim=1)
             return outs[-1] if logits_to_keep == 1 else torch.cat(outs, dim=2)
         ids, mask = self._to_device(ids), self._to_device(mask.bool())
         self._reserve(self.length + S)
@@ -653,6 +727,8 @@ class RoEPass:
                 # has no mask function: transformers builds none for it)
                 kwargs["attention_mask"] = self.valid[:, :end].long()
             logits = self._call(step, lambda: _forward(self.model, self.cache, kwargs))
+            if self.adaptive is not None:  # the clean row of each prompt: row 0 of its K (or its only row)
+                self._advance_gate(logits.view(B, -1, *logits.shape[1:])[:, 0], mask)
             self.next_pos += mask.long().sum(1, keepdim=True)
             self.slot.fill_(end)
         self.length = end
@@ -697,15 +773,17 @@ class _DeviceState:
     valid: torch.Tensor
     next_pos: torch.Tensor
     slot: torch.Tensor
+    gate: torch.Tensor  # [B] bool: adaptive K's decision for each prompt's next token
 
     @classmethod
     def new(cls, batch: int, capacity: int, device, static: bool, cache=None) -> _DeviceState:
         state = cls(cache if cache is not None else CleanCache(capacity, static),
                     torch.zeros(batch, capacity, dtype=torch.bool, device=device),
                     torch.zeros(batch, 1, dtype=torch.long, device=device),
-                    torch.zeros(1, dtype=torch.long, device=device))
+                    torch.zeros(1, dtype=torch.long, device=device),
+                    torch.ones(batch, dtype=torch.bool, device=device))
         if static:
-            for t in (state.valid, state.next_pos, state.slot):
+            for t in (state.valid, state.next_pos, state.slot, state.gate):
                 torch._dynamo.mark_static_address(t)
         return state
 
@@ -713,6 +791,7 @@ class _DeviceState:
         """Forget the previous pass (its keys stay in the buffers, masked out by `valid`)."""
         for t in (self.valid, self.next_pos, self.slot):
             t.zero_()
+        self.gate.fill_(True)  # no clean prediction yet: the first token runs its noisy samples
         self.cache.length = 0
         self.cache.reset_states()
 
@@ -749,7 +828,12 @@ def decode_step(run: RoEPass, ids: torch.Tensor, alive: torch.Tensor) -> torch.T
     run.next_pos.add_(alive[:, None].long())
     run.slot.add_(1)
     B = ids.shape[0]
-    return aggregate(logits.view(B, -1, logits.shape[-1]), run.how)  # [B*K or B, 1, V] -> [B, V]
+    logits = logits.view(B, -1, logits.shape[-1])  # [B*K or B, 1, V] -> [B, K or 1, V]
+    if run.adaptive is None:
+        return aggregate(logits, run.how)  # [B, V]
+    out = aggregate_gated(logits, run.how, run.gate)  # the gate this step ran under, then the next token's
+    run.gate.copy_(torch.where(alive, uncertain(logits[:, 0], *run.adaptive), run.gate))
+    return out
 
 
 def _forward(model, cache, kwargs: dict) -> torch.Tensor:

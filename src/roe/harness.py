@@ -21,6 +21,7 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator
 
 from .config import RoEConfig
+from .options import adaptive_changes
 from .progress import progress
 from .roster import RosterOfExperts
 
@@ -80,6 +81,7 @@ def _generation_args(gen_kwargs: dict, default_max: int) -> dict:
 class RoELM(LM):
     def __init__(self, pretrained: str = "builtin", num_samples=None, tau=None, skip_layers=None, aggregate=None,
                  cache=None, seed=None, profile=None, device: str | None = None, dtype="auto", batch_size=8,
+                 adaptive_metric=None, adaptive_threshold=None,
                  max_gen_toks: int = 256, trust_remote_code: bool = False, compile: str = "auto", **unknown):
         super().__init__()
         unknown.pop("max_length", None)
@@ -103,6 +105,9 @@ class RoELM(LM):
             changes["cache"] = cache
         if seed is not None:
             changes["seed"] = _number(seed, int, "seed")
+        if adaptive_metric is not None or adaptive_threshold is not None:  # adaptive K ("off" clears a profile's)
+            changes.update(adaptive_changes(adaptive_metric, None if adaptive_threshold is None
+                                            else _number(adaptive_threshold, float, "adaptive_threshold")))
         self.roster = RosterOfExperts(roster.model, roster.tokenizer, base.replace(**changes), compile=roster.compile)
         self.batch_size = _number(batch_size, int, "batch_size") if batch_size != "auto" else 8
         self.max_gen_toks = _number(max_gen_toks, int, "max_gen_toks")

@@ -37,6 +37,11 @@ def add_roe_options(p: argparse.ArgumentParser, k_list: bool = False, cache_list
     else:
         p.add_argument("--cache", choices=["clean", "full"])
     p.add_argument("--seed", type=int)
+    p.add_argument("--adaptive-metric", choices=["entropy", "margin", "off"],
+                   help="adaptive K: run the noisy samples only on tokens whose clean prediction is uncertain "
+                        "(off: every token, overriding a profile)")
+    p.add_argument("--adaptive-threshold", type=float,
+                   help="adaptive K: noisy samples run where entropy (nats) > it, or top-2 margin < it")
     p.add_argument("--device", default="cpu", help="cpu (the default), cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (the default: the checkpoint's own dtype), bfloat16, float16 or float32")
@@ -64,7 +69,20 @@ def roe_config(args, base=None, k=None):
         )
         if value is not None
     }
+    changes.update(adaptive_changes(getattr(args, "adaptive_metric", None), getattr(args, "adaptive_threshold", None)))
     return base.replace(**changes)
+
+
+def adaptive_changes(metric, threshold) -> dict:
+    """RoEConfig changes for adaptive K from a metric ("off": none, clearing a profile's) and a threshold."""
+    if metric == "off":
+        if threshold is not None:
+            raise ValueError("adaptive threshold given with adaptive metric 'off': drop one of them")
+        return {"adaptive_metric": None, "adaptive_threshold": None}
+    changes = {"adaptive_metric": metric} if metric is not None else {}
+    if threshold is not None:
+        changes["adaptive_threshold"] = threshold
+    return changes
 
 
 def load_roster(args, k=None):

@@ -134,6 +134,8 @@ class RosterOfExperts:
         if getattr(self.model, "_roe_hooks", None) is None:  # another roster on this model unwrapped it
             adapters.patch(self.model)
         engine_options.setdefault("compile", self.compile_backend)
+        if c.adaptive_metric is not None:  # adaptive K: the rule that decides, per token, whether noisy samples run
+            engine_options.setdefault("adaptive", (c.adaptive_metric, c.adaptive_threshold))
         return RoEPass(self.model, self.taus, self.num_experts, c.num_samples, c.cache, seeds, record_experts,
                        aggregate=c.aggregate, capacity=capacity, **engine_options)
 

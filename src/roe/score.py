@@ -26,7 +26,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .engine import aggregate, pad_batch
+from .engine import pad_batch
 
 HEAD_ROWS = 8192  # vocabulary rows of a 16-bit output layer upcast at a time for float32 scoring logits
 CHUNK = 64  # positions per forward at most: also bounds the model's activations when the vocabulary is small
@@ -119,7 +119,7 @@ def continuation_logprobs(roster, pairs: list[tuple[list[int], list[int]]], seed
     for i in range(0, steps, positions):
         with float32_logits(roster.model):
             logits = run.forward(chunk[:, i : i + positions], chunk_mask[:, i : i + positions])  # [B, K, s, V]
-        logp = aggregate(logits, roster.config.aggregate)  # [B, s, V] float32
+        logp = run.combine(logits)  # [B, s, V] float32 (with adaptive K: the clean distribution where skipped)
         del logits
         target = targets[:, i : i + positions].to(logp.device)
         picked.append(logp.gather(-1, target[..., None])[..., 0].cpu())  # [B, s]

@@ -1,7 +1,10 @@
 """`roe tune`: search the per-layer tau vector with Optuna's TPE sampler, on the validation split only.
 
 The middle MoE layers (all but `skip_layers` at each end) each get a tau in [0, max_tau]. The first trial is
-tau = 0 everywhere (the base model), so the search always knows the score to beat.
+tau = 0 everywhere (the base model), so the search always knows the score to beat. With --tune-threshold the
+adaptive-K threshold of --adaptive-metric is a parameter too: entropy in [0, ln V] nats, margin in [0, 1]
+(the first trial puts it where no token is skipped). The objective is quality alone: a threshold that skips
+tokens wins only where skipping them does not cost quality (the cost side is `roe bench` / `roe study`'s).
 """
 
 import json
@@ -11,6 +14,18 @@ import time
 from pathlib import Path
 
 from .evaluate import EVALUATORS, load_items
+
+
+def threshold_range(roster) -> tuple[float, float]:
+    """The adaptive-K threshold's search range for the roster's metric."""
+    metric = roster.config.adaptive_metric
+    if metric is None:
+        raise ValueError("--tune-threshold needs --adaptive-metric entropy or margin")
+    if metric == "margin":
+        return 0.0, 1.0
+    from .score import logit_width
+
+    return 0.0, math.log(logit_width(roster.model)[0])  # the entropy of a uniform distribution over the vocabulary
 
 
 def scorer(task: str, objective: str, items):
@@ -35,8 +50,9 @@ def scorer(task: str, objective: str, items):
     return score, direction
 
 
-def objective_fn(roster, task: str, objective: str, items, middle: list[int], max_tau: float):
-    """Returns (optuna objective, direction)."""
+def objective_fn(roster, task: str, objective: str, items, middle: list[int], max_tau: float,
+                 thresholds: tuple[float, float] | None = None):
+    """Returns (optuna objective, direction). thresholds: the adaptive-K threshold's range, when it is tuned."""
     n_layers = len(roster.routers)
     score, direction = scorer(task, objective, items)
 
@@ -44,7 +60,10 @@ def objective_fn(roster, task: str, objective: str, items, middle: list[int], ma
         taus = [0.0] * n_layers
         for i in middle:
             taus[i] = trial.suggest_float(f"tau_{i}", 0.0, max_tau)
-        value = score(roster.with_config(tau=taus))
+        changes = {"tau": taus}
+        if thresholds is not None:
+            changes["adaptive_threshold"] = trial.suggest_float("adaptive_threshold", *thresholds)
+        value = score(roster.with_config(**changes))
         trial.set_user_attr("tau", taus)
         return value
 
@@ -88,11 +107,12 @@ def cmd_tune(args) -> int:
     import optuna
     import torch
     import transformers
-    from .progress import progress
-
     from .options import load_roster
+    from .progress import progress
     from .routing import NOISE_VERSION
 
+    if args.tune_threshold and args.adaptive_threshold is None and args.adaptive_metric in ("entropy", "margin"):
+        args.adaptive_threshold = 0.0 if args.adaptive_metric == "entropy" else 1.0  # a start; the search sets it
     roster = load_roster(args)
     n = len(roster.routers)
     middle = list(range(args.skip_layers, n - args.skip_layers))
@@ -101,13 +121,17 @@ def cmd_tune(args) -> int:
     if not 0 < args.max_tau:
         raise ValueError("--max-tau must be > 0")
     items = load_items(args.task, "validation", args.val_examples, args.file)
-    fn, direction = objective_fn(roster, args.task, args.objective, items, middle, args.max_tau)
+    thresholds = threshold_range(roster) if args.tune_threshold else None
+    fn, direction = objective_fn(roster, args.task, args.objective, items, middle, args.max_tau, thresholds)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=args.seed),
                                 storage=args.storage, study_name=args.study_name, load_if_exists=bool(args.storage))
     todo = max(0, args.trials - len(study.trials))
     if not study.trials:
-        study.enqueue_trial({f"tau_{i}": 0.0 for i in middle})
+        first = {f"tau_{i}": 0.0 for i in middle}
+        if thresholds is not None:  # where no token is skipped (at tau = 0 it changes nothing anyway)
+            first["adaptive_threshold"] = thresholds[1] if roster.config.adaptive_metric == "margin" else 0.0
+        study.enqueue_trial(first)
     bar = progress(total=todo, desc="tune")
 
     def progress(study, trial):
@@ -123,7 +147,8 @@ def cmd_tune(args) -> int:
     finally:
         bar.close()
     best = study.best_trial
-    base = next((t.value for t in study.trials if t.value is not None and all(v == 0 for v in t.params.values())), None)
+    base = next((t.value for t in study.trials if t.value is not None
+                 and all(v == 0 for n, v in t.params.items() if n.startswith("tau_"))), None)
     profile = {
         "model": args.model,
         "model_type": roster.model.config.model_type,
@@ -133,6 +158,8 @@ def cmd_tune(args) -> int:
         "aggregate": roster.config.aggregate,
         "cache": roster.config.cache,
         "seed": roster.config.seed,
+        "adaptive_metric": roster.config.adaptive_metric,
+        "adaptive_threshold": best.params.get("adaptive_threshold", roster.config.adaptive_threshold),
         "noise_version": NOISE_VERSION,  # which Gumbel draw each (seed, position, sample, layer, expert) gets
         "task": args.task,
         "objective": args.objective,
@@ -165,6 +192,8 @@ def add_parser(sub) -> None:
     p.add_argument("--objective", default="ppl", choices=["ppl", "accuracy"])
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--max-tau", type=float, default=0.5)
+    p.add_argument("--tune-threshold", action="store_true",
+                   help="tune the adaptive-K threshold of --adaptive-metric along with tau")
     p.add_argument("--val-examples", type=int, default=100)
     p.add_argument("--storage", help="an Optuna storage URL, e.g. sqlite:///study.db, to resume a study")
     p.add_argument("--study-name", default="roe-tune")

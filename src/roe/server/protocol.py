@@ -73,6 +73,8 @@ class RoESettings(BaseModel):
     skip_layers: int | None = Field(None, ge=0)
     aggregate: Literal["probs", "logits", "logprobs"] | None = None
     cache: Literal["clean", "full"] | None = None
+    adaptive_metric: Literal["entropy", "margin", "off"] | None = None  # adaptive K ("off": every token at K)
+    adaptive_threshold: float | None = None  # checked against the metric by RoEConfig (serving_engine.py)
 
     @field_validator("tau")
     @classmethod

@@ -2,7 +2,7 @@
 (as `roe.score`): position p of an item is scored given ids[:p] with the item's seed, so the numbers are those of
 the distribution that would have picked each token."""
 
-from ..engine import aggregate, pad_batch
+from ..engine import pad_batch
 
 SCORE_ROWS = 8  # items per teacher-forced scoring forward
 SCORE_BUDGET = 256 << 20  # bytes of logits (and aggregate's float32 copies) one scoring forward may hold
@@ -58,7 +58,7 @@ def _score_group(roster, items, seeds, top_n: int, fit: int) -> list[Scored]:
     out: list[Scored] = [[] for _ in items]
     for s0 in range(0, steps, width):
         logits = run.forward(chunk[:, s0 : s0 + width], chunk_mask[:, s0 : s0 + width])  # [B, K, s, V]
-        logp = aggregate(logits, roster.config.aggregate)  # [B, s, V] float32
+        logp = run.combine(logits)  # [B, s, V] float32 (adaptive K: the clean distribution where it skipped)
         del logits
         top = logp.topk(top_n, dim=-1) if top_n else None
         top_ids = top.indices.cpu().tolist() if top_n else None

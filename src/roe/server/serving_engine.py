@@ -10,6 +10,7 @@ import uuid
 
 from ..config import RoEConfig
 from ..generate import Completion, SamplingParams
+from ..options import adaptive_changes
 from ..routing import SEED_RANGE, layer_taus
 from .cli_args import Limits
 from .protocol import MIN_TEMPERATURE, MIN_TOP_P, APIError, CommonRequest, error_body, model_not_found
@@ -84,6 +85,7 @@ class OpenAIServing:
 
     def _roe_config(self, req: CommonRequest) -> RoEConfig:
         changes = req.roe.model_dump(exclude_none=True) if req.roe else {}
+        changes.update(adaptive_changes(changes.pop("adaptive_metric", None), changes.pop("adaptive_threshold", None)))
         config = self.roster.config.replace(**changes)
         if config.num_samples > self.limits.max_k:
             raise ValueError(f"roe.num_samples is {config.num_samples}; this server allows at most {self.limits.max_k}")
