@@ -26,6 +26,11 @@ ARCHS = {
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=64, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"] * 2),  # not ported: RoE must refuse it
     "llama": dict(),  # dense: RoE must refuse it
+    # vllm-ports: GLM-4.5's grouped sigmoid router with correction bias and routed_scaling_factor; layer 0 dense,
+    # so 5 layers give 4 MoE layers (the tests skip the first and the last)
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                     moe_intermediate_size=32, n_shared_experts=1, head_dim=64, num_hidden_layers=5,
+                     routed_scaling_factor=2.5, norm_topk_prob=True),
 }
 
 # a chat template for the server test (the tiny tokenizer has none)

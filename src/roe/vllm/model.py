@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import gumbel_noise, layer_taus
-from . import gate
+from . import gate, routers
+from .attend import attend
 from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
 
 
@@ -257,19 +258,14 @@ def _widen(model: RoEMixin, layer: nn.Module, args, kwargs):
 
 
 def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
-    """Gumbel-top-k for the noisy rows of one MoE layer; vLLM's own routing for the others."""
+    """Gumbel-top-k for the noisy rows of one MoE layer (the router's family, routers.py); vLLM's own routing
+    for the others."""
     router = runner.router
-    if getattr(router, "use_grouped_topk", False) or getattr(router, "e_score_correction_bias", None) is not None:
-        raise RoESettingsError(f"roe: {type(router).__name__} (grouped / biased routing) is not supported by the plugin")
-    scoring = getattr(router, "scoring_func", "softmax")
-    if scoring != "softmax":
-        raise RoESettingsError(f"roe: routers scoring with {scoring!r} are not supported by the plugin")
+    route = routers.noisy_routing(router)
     if runner.is_monolithic:
         raise RoESettingsError(
             "roe: this MoE kernel routes inside the kernel (monolithic); RoE needs vLLM's modular MoE path"
         )
-    renormalize = bool(getattr(router, "renormalize", True))
-    top_k = int(router.top_k)
     original = router._compute_routing
 
     def compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None):
@@ -278,12 +274,7 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
         if step is None or router_logits.shape[0] != step.n + step.extra:
             return weights, ids
         n = step.n
-        logits = router_logits[n:].float()
-        probs = F.softmax(logits, dim=-1)
-        noisy_idx = torch.topk(logits + step.noise[ordinal], top_k, dim=-1).indices
-        noisy_w = probs.gather(-1, noisy_idx)
-        if renormalize:
-            noisy_w = noisy_w / noisy_w.sum(dim=-1, keepdim=True)
+        noisy_w, noisy_idx = route(router_logits[n:].float(), step.noise[ordinal])
         if model._roe_record is not None:  # tests and diagnostics: the experts each noisy row visited
             model._roe_record.append((ordinal, noisy_idx.cpu()))
         weights = torch.cat([weights[:n], noisy_w.to(weights.dtype)]).contiguous()
@@ -296,8 +287,8 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
 def _hook_attention(model: RoEMixin, attn: nn.Module) -> None:
     original = attn.forward
     impl = attn.impl
-    if getattr(impl, "logits_soft_cap", None) or getattr(impl, "sinks", None) is not None:
-        raise RoESettingsError("roe: attention with soft-capping or sinks is not supported by the plugin")
+    if getattr(impl, "logits_soft_cap", None):
+        raise RoESettingsError("roe: attention with soft-capping is not supported by the plugin")
     window = getattr(impl, "sliding_window", None)
     if isinstance(window, (tuple, list)):
         window = window[0] + 1 if window[0] >= 0 else None
@@ -388,7 +379,7 @@ def _noisy_attention(model, attn, step: _Step, q, k, v, window):
     all_v = torch.cat([hist_v.transpose(1, 2).to(q.dtype), own_v], dim=2)
     own = torch.eye(K1, dtype=torch.bool, device=q.device).repeat_interleave(G, 0)  # [(K-1)*G, K-1]
     mask = torch.cat([ok[:, None, :].expand(R, K1 * G, -1), own[None].expand(R, -1, -1)], dim=-1)[:, None]
-    out = F.scaled_dot_product_attention(qf, all_k, all_v, attn_mask=mask, scale=float(attn.impl.scale))
+    out = attend(qf, all_k, all_v, mask, float(attn.impl.scale), getattr(attn.impl, "sinks", None), G)
     return out.view(R, Hkv, K1, G, Dv).permute(0, 2, 1, 3, 4).reshape(R * K1, Hq * Dv)
 
 
