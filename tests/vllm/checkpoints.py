@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,15 +24,22 @@ ARCHS = {
     "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
     "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
-    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=64, sliding_window=32,
-                    layer_types=["sliding_attention", "full_attention"] * 2),  # not ported: RoE must refuse it
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=64, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"] * 2),
     "llama": dict(),  # dense: RoE must refuse it
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0,
+                         moe_num_shared_experts=0, head_dim=64),  # not ported: RoE must refuse it
     # vllm-ports: GLM-4.5's grouped sigmoid router with correction bias and routed_scaling_factor; layer 0 dense,
     # so 5 layers give 4 MoE layers (the tests skip the first and the last)
     "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
                      moe_intermediate_size=32, n_shared_experts=1, head_dim=64, num_hidden_layers=5,
                      routed_scaling_factor=2.5, norm_topk_prob=True),
 }
+
+# bias std relative to init_decisive's 0.5: GPT-OSS has a bias on every projection (q, k, v, o, experts); at 0.5
+# they add a constant to the residual stream that outweighs the input, and greedy decoding falls into a loop of
+# two tokens that no routing noise changes (measured: K = 8, tau = 0.5 gave plain vLLM's tokens exactly)
+BIAS_SCALE = {"gpt_oss": 0.2}
 
 # a chat template for the server test (the tiny tokenizer has none)
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -41,6 +49,11 @@ def save(arch: str, path: Path, seed: int = 0) -> Path:
     cfg = AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch]})
     model = AutoModelForCausalLM.from_config(cfg)
     init_decisive(model, seed)  # router logits of spread ~2: routing matters, and tau = 0.5 flips some choices
+    if arch in BIAS_SCALE:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") and ".router." not in name:  # the router's bias keeps its spread
+                    p.mul_(BIAS_SCALE[arch])
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

@@ -15,8 +15,8 @@ BAD = [
     ("olmoe", {"num_samples": 8, "tau": 0.3, "cache": "full"}, "roe: cache='full' is not available in vLLM"),
     ("llama", {"num_samples": 8, "tau": 0.3},
      "roe: 'LlamaForCausalLM' is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"),
-    ("gpt_oss", {"num_samples": 8, "tau": 0.3},
-     "roe: 'GptOssForCausalLM' is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"),
+    ("ernie4_5_moe", {"num_samples": 8, "tau": 0.3},
+     "roe: 'Ernie4_5_MoeForCausalLM' is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"),
     ("olmoe", {"num_samples": 8, "tau": 0.3, "seed": 2**64}, "roe: seed must be an integer in [0, 2**63), got"),
     ("olmoe", {"num_samples": 8, "tau": 0.3, "seed": -1}, "roe: seed must be an integer in [0, 2**63), got -1"),
 ]

@@ -17,17 +17,17 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
     # vllm-ports
     "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM"),
+    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
 }
 
 # for the one-line refusals
-SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE, GLM-4.5 (glm4_moe)"
+SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE, GLM-4.5 (glm4_moe), GPT-OSS"
 
 _PORT = "is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"
 _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"
 # more specific reasons for some of the architectures that refuse to start with `roe` set (every architecture
 # not in SUPPORTED refuses, see gate.py; they run unchanged without `roe`)
 GUARDED: dict[str, tuple[str, str, str]] = {
-    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM", _PORT + " (attention sinks and sliding windows)"),
     "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM", _PORT + " (grouped sigmoid router, MLA)"),
     "Ernie4_5_MoeForCausalLM": ("ernie45_moe", "Ernie4_5_MoeForCausalLM", _PORT + " (biased router)"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM", _DENSE),
