@@ -27,6 +27,12 @@ ARCHS = {
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=64, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention"] * 2),
     "llama": dict(),  # dense: RoE must refuse it
+    # Llama 4 (text): top-1 sigmoid router; layers 0-2 chunked local attention (chunk 32: vLLM's CPU backend needs
+    # a multiple of the KV block size, and the tests start it with block_size=32), layer 3 NoPE with full attention
+    # and attention temperature tuning (floor_scale 8: the query scale changes every 8 positions)
+    "llama4_text": dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=64, head_dim=64,
+                        attention_chunk_size=32, no_rope_layer_interval=4, floor_scale=8, attn_scale=0.1,
+                        attn_temperature_tuning=True),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0,
                          moe_num_shared_experts=0, head_dim=64),  # not ported: RoE must refuse it
     # vllm-ports: GLM-4.5's grouped sigmoid router with correction bias and routed_scaling_factor; layer 0 dense,
@@ -40,6 +46,10 @@ ARCHS = {
 # they add a constant to the residual stream that outweighs the input, and greedy decoding falls into a loop of
 # two tokens that no routing noise changes (measured: K = 8, tau = 0.5 gave plain vLLM's tokens exactly)
 BIAS_SCALE = {"gpt_oss": 0.2}
+
+# what vLLM must be started with for these checkpoints (the same with and without `roe`): vLLM turns Llama 4's
+# temperature tuning on from the generation config (else only above 32K context), transformers from the config
+LLM_ARGS = {"llama4_text": dict(block_size=32, override_generation_config={"attn_temperature_tuning": True})}
 
 # a chat template for the server test (the tiny tokenizer has none)
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"

@@ -37,6 +37,7 @@ from torch import nn
 from ..routing import gumbel_noise, layer_taus
 from . import gate, routers
 from .attend import attend
+from .history import history_blocks, reference_layer
 from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
 
 
@@ -108,6 +109,7 @@ class RoEMixin:
             self._roe_taus = layer_taus(cfg.tau, cfg.skip_layers, len(moe))
         except ValueError as e:
             raise RoESettingsError(f"roe: {e}") from None
+        self._roe_ref_attn = reference_layer([a for _, a in self._roe_attn])  # its metadata lists the sequences
         self._roe_experts = [int(r.router.global_num_experts) for _, r in moe]
         noisy = [i for (i, _), t in zip(moe, self._roe_taus) if t > 0]
         self._roe_fanout = noisy[0] if noisy and cfg.num_samples > 1 else None
@@ -159,7 +161,7 @@ class RoEMixin:
             raise RuntimeError("roe: speculative decoding / micro-batching is not supported with RoE")
         if not meta:  # profiling and dummy runs
             return None
-        first = meta.get(self._roe_attn[0][1].layer_name) if isinstance(meta, dict) else meta
+        first = meta.get(self._roe_ref_attn.layer_name) if isinstance(meta, dict) else meta
         if first is None:
             return None
         qsl = first.query_start_loc
@@ -360,12 +362,13 @@ def _noisy_attention(model, attn, step: _Step, q, k, v, window):
     pos = step.pos.long()  # [R]: the history is positions 0 .. pos-1
     L = int(pos.max()) if R else 0
     j = torch.arange(max(L, 1), device=q.device)
-    table = meta.block_table[:R].long()
-    blocks = table.gather(1, (j // bs)[None].expand(R, -1).clamp(max=table.shape[1] - 1))  # [R, L]
+    table, base, first = history_blocks(attn, meta, step.idx, pos, bs)  # base: the position table[:, 0] starts at
+    rel = (j[None] - base[:, None]).clamp(min=0) // bs  # [R, L] (base is a multiple of bs)
+    blocks = table.gather(1, rel.clamp(max=table.shape[1] - 1))
     slots = (j % bs)[None].expand(R, -1)
     hist_k = read_k(blocks, slots)  # [R, L, Hkv, D]
     hist_v = read_v(blocks, slots)
-    ok = j[None] < pos[:, None]  # [R, L]
+    ok = (j[None] < pos[:, None]) & (j[None] >= first[:, None])  # [R, L]
     if window is not None:
         ok = ok & (pos[:, None] - j[None] < window)
     # slots outside the visible history (blocks vLLM freed behind a sliding window, padding up to the longest
