@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,12 @@ ARCHS = {
     "llama4_text": dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=64, head_dim=64,
                         attention_chunk_size=32, no_rope_layer_interval=4, floor_scale=8, attn_scale=0.1,
                         attn_temperature_tuning=True),
+    # Phi-3.5-MoE: sparsemixer top-2 (router_jitter_noise 0.01: vLLM's sparsemixer hard-codes jitter_eps = 0.01);
+    # saved under Phi-3.5-MoE's own architecture name (vLLM registers PhiMoEForCausalLM, transformers writes
+    # PhimoeForCausalLM) and weight names (transformers 5 writes block_sparse_moe.experts.E.w1/w2/w3); vLLM's
+    # PhiMoE always has q/k/v/o and lm_head biases, and never adds the lm_head's: that one is zero (ZERO)
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.01, attention_bias=True,
+                   lm_head_bias=True),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0,
                          moe_num_shared_experts=0, head_dim=64),  # not ported: RoE must refuse it
     # vllm-ports: GLM-4.5's grouped sigmoid router with correction bias and routed_scaling_factor; layer 0 dense,
@@ -45,7 +52,13 @@ ARCHS = {
 # bias std relative to init_decisive's 0.5: GPT-OSS has a bias on every projection (q, k, v, o, experts); at 0.5
 # they add a constant to the residual stream that outweighs the input, and greedy decoding falls into a loop of
 # two tokens that no routing noise changes (measured: K = 8, tau = 0.5 gave plain vLLM's tokens exactly)
-BIAS_SCALE = {"gpt_oss": 0.2}
+BIAS_SCALE = {"gpt_oss": 0.2, "phimoe": 0.2}  # phimoe: attention and LayerNorm biases, the same loop
+
+# parameters set to zero after init_decisive, where vLLM does not compute with them
+ZERO = {"phimoe": ("lm_head.bias",)}
+
+# architecture names as the real checkpoints spell them where transformers writes another
+ARCHITECTURES = {"phimoe": ["PhiMoEForCausalLM"]}
 
 # what vLLM must be started with for these checkpoints (the same with and without `roe`): vLLM turns Llama 4's
 # temperature tuning on from the generation config (else only above 32K context), transformers from the config
@@ -59,11 +72,18 @@ def save(arch: str, path: Path, seed: int = 0) -> Path:
     cfg = AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch]})
     model = AutoModelForCausalLM.from_config(cfg)
     init_decisive(model, seed)  # router logits of spread ~2: routing matters, and tau = 0.5 flips some choices
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in ZERO.get(arch, ()):
+                p.zero_()
     if arch in BIAS_SCALE:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("bias") and ".router." not in name:  # the router's bias keeps its spread
                     p.mul_(BIAS_SCALE[arch])
     model.save_pretrained(path)
+    if arch in ARCHITECTURES:  # after saving: save_pretrained writes the class's own name
+        config = json.loads((Path(path) / "config.json").read_text())
+        (Path(path) / "config.json").write_text(json.dumps({**config, "architectures": ARCHITECTURES[arch]}, indent=2))
     tiny_tokenizer().save_pretrained(path)
     return path

@@ -9,7 +9,7 @@ import pytest
 from checkpoints import LLM_ARGS
 from conftest import engine_reference, start_llm, stop_llm
 
-ARCHS = ["olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "granitemoe", "glm4_moe", "gpt_oss", "llama4_text"]
+ARCHS = ["olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "granitemoe", "glm4_moe", "gpt_oss", "llama4_text", "phimoe"]
 FULL = ["olmoe", "mixtral", "qwen3_moe"]  # also started with K = 1 and with tau = 0 (two engines more each)
 PROMPTS = ["Hello world", "abc", "The quick brown fox jumps over", "x", "0123456789", "Roster of Experts!"]
 # continuous batching: (step at which the request arrives, prompt, max_tokens)

@@ -11,11 +11,13 @@ picks GroupedTopKRouter, CustomRoutingRouter, FusedTopKBiasRouter or FusedTopKRo
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .. import routing
 from .settings import RoESettingsError
 
 # (router logits [T, E] float32, tau-scaled noise [T, E]) -> (weights [T, k] float32, expert ids [T, k])
@@ -116,9 +118,18 @@ def _topk_then_sigmoid(router) -> Route:
     return route
 
 
-# custom routing functions the plugin knows, by qualified name -> the family that reproduces them
+def _sparsemixer(router) -> Route:
+    """Phi-3.5-MoE's sparsemixer top-2: the engine's family (roe.routing.sparsemixer_top2: Gumbel-top-2 of R,
+    weights the model's sparsemixer formula on the clean logits, anchored at each chosen expert), with vLLM's
+    threshold: its sparsemixer hard-codes jitter_eps = 0.01 whatever the config's router_jitter_noise says."""
+    vllm_eps = SimpleNamespace(router_jitter_noise=0.01)
+    return lambda logits, noise: routing.sparsemixer_top2(vllm_eps, logits, noise)
+
+
+# custom routing functions the plugin knows, by "module:qualified name" -> the family that reproduces them
 CUSTOM: dict[str, Callable[[object], Route]] = {
-    "Llama4MoE.custom_routing_function": _topk_then_sigmoid,
+    "vllm.model_executor.models.llama4:Llama4MoE.custom_routing_function": _topk_then_sigmoid,
+    "vllm.model_executor.models.phimoe:phimoe_routing_function": _sparsemixer,
 }
 
 
@@ -130,7 +141,7 @@ def noisy_routing(router) -> Route:
         return grouped(router)
     custom = getattr(router, "custom_routing_function", None)
     if custom is not None:
-        name = getattr(custom, "__qualname__", repr(custom))
+        name = f"{getattr(custom, '__module__', '?')}:{getattr(custom, '__qualname__', repr(custom))}"
         if name not in CUSTOM:
             raise RoESettingsError(f"roe: the custom MoE routing function {name!r} is not supported by the plugin")
         return CUSTOM[name](router)
