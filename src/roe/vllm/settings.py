@@ -23,7 +23,7 @@ SUPPORTED: dict[str, tuple[str, str]] = {
 }
 
 # for the one-line refusals
-SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE, GLM-4.5 (glm4_moe), GPT-OSS, Llama 4 (text), Phi-3.5-MoE"
+SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen2/3-MoE, GraniteMoE, GLM-4.5, GPT-OSS, Llama 4, Phi-3.5-MoE"
 
 _PORT = "is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"
 _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"
