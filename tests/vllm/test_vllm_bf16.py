@@ -26,8 +26,9 @@ def _greedy(llm):
 
 
 # mixtral: a sliding window and grouped-query attention; glm4_moe: the grouped sigmoid router; gpt_oss: sinks
-# and alternating sliding windows; llama4_text: chunked local attention (its own block tables), NoPE layers
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "glm4_moe", "gpt_oss", "llama4_text"])
+# and alternating sliding windows; llama4_text: chunked local attention (its own block tables), NoPE layers;
+# phimoe: the sparsemixer router
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "glm4_moe", "gpt_oss", "llama4_text", "phimoe"])
 def test_bf16_noisy_rows_read_the_cache(checkpoint, arch):
     path, extra = checkpoint(arch), LLM_ARGS.get(arch, {})
     llm = start_llm(path, dtype="bfloat16", **extra)
