@@ -9,8 +9,9 @@ whose logits vLLM computes: the last prompt token at prefill, the new token at d
   same thing for all K samples, so they run once (as the project's engine does).
 * Routing. Each MoE layer's router is vLLM's own for the N rows; for the noisy rows the choice is
   TopK(router_logits + tau_layer * G) with G = roe.routing.gumbel_noise(seed, position, sample, MoE layer,
-  expert) (computed on the device for the whole step, no host loop), and the weights of the chosen experts
-  are the model's (softmax probabilities, renormalised if the model renormalises).
+  expert) (computed on the device for the whole step, no host loop), the noise on the logit pre-image of what
+  the router ranks, and the weights of the chosen experts are the router's own (routers.py: one family per kind
+  of vLLM router).
 * Attention (clean cache). The N rows go through vLLM's attention layer unchanged, so only their keys and
   values are written to the paged KV cache. A noisy row attends to the clean keys/values of every earlier
   position of its sequence, read from that cache through the block table, plus its own key/value for the
@@ -276,7 +277,7 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
         if step is None or router_logits.shape[0] != step.n + step.extra:
             return weights, ids
         n = step.n
-        noisy_w, noisy_idx = route(router_logits[n:].float(), step.noise[ordinal])
+        noisy_w, noisy_idx = route(router_logits[n:], step.noise[ordinal])  # the logits in vLLM's dtype
         if model._roe_record is not None:  # tests and diagnostics: the experts each noisy row visited
             model._roe_record.append((ordinal, noisy_idx.cpu()))
         weights = torch.cat([weights[:n], noisy_w.to(weights.dtype)]).contiguous()

@@ -11,7 +11,6 @@ picks GroupedTopKRouter, CustomRoutingRouter, FusedTopKBiasRouter or FusedTopKRo
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from .. import routing
 from .settings import RoESettingsError
 
-# (router logits [T, E] float32, tau-scaled noise [T, E]) -> (weights [T, k] float32, expert ids [T, k])
+# (router logits [T, E] in vLLM's dtype, tau-scaled noise [T, E] float32) -> (weights [T, k] float32, expert ids
+# [T, k]); a family computes in float32 except where vLLM's own router works in the logits' dtype (sparsemixer)
 Route = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -49,6 +49,7 @@ def grouped(router) -> Route:
     groups, topk_group, top_k = int(router.num_expert_group), int(router.topk_group), int(router.top_k)
 
     def route(logits, noise):
+        logits = logits.float()
         choice = score(logits + noise)  # [T, E]
         if bias is not None:
             choice = choice + bias.float()[None]
@@ -71,6 +72,7 @@ def biased(router) -> Route:
     bias, top_k = router.e_score_correction_bias, int(router.top_k)
 
     def route(logits, noise):
+        logits = logits.float()
         ids = (score(logits + noise) + bias.float()[None]).topk(top_k, dim=-1).indices
         return _finish(router, score(logits).gather(-1, ids)), ids
 
@@ -88,6 +90,7 @@ def softmax_topk(router) -> Route:
     top_k, renormalize = int(router.top_k), bool(getattr(router, "renormalize", True))
 
     def route(logits, noise):
+        logits = logits.float()
         ids = torch.topk(logits + noise, top_k, dim=-1).indices
         weights = F.softmax(logits, dim=-1).gather(-1, ids)
         return (weights / weights.sum(dim=-1, keepdim=True) if renormalize else weights), ids
@@ -100,6 +103,7 @@ def sigmoid_topk(router) -> Route:
     top_k = int(router.top_k)
 
     def route(logits, noise):
+        logits = logits.float()
         ids = torch.topk(logits + noise, top_k, dim=-1).indices
         return _finish(router, logits.sigmoid().gather(-1, ids)), ids
 
@@ -112,6 +116,7 @@ def _topk_then_sigmoid(router) -> Route:
     top_k = int(router.top_k)
 
     def route(logits, noise):
+        logits = logits.float()
         ids = torch.topk(logits + noise, top_k, dim=-1).indices
         return logits.gather(-1, ids).sigmoid(), ids
 
@@ -122,8 +127,19 @@ def _sparsemixer(router) -> Route:
     """Phi-3.5-MoE's sparsemixer top-2: the engine's family (roe.routing.sparsemixer_top2: Gumbel-top-2 of R,
     weights the model's sparsemixer formula on the clean logits, anchored at each chosen expert), with vLLM's
     threshold: its sparsemixer hard-codes jitter_eps = 0.01 whatever the config's router_jitter_noise says."""
-    vllm_eps = SimpleNamespace(router_jitter_noise=0.01)
-    return lambda logits, noise: routing.sparsemixer_top2(vllm_eps, logits, noise)
+
+    def route(logits, noise):
+        # the choice: Gumbel-top-2 of R in float32; the weights: vLLM's masks and softmaxes in the logits' own
+        # dtype (in bfloat16 its relative threshold 2 * eps rounds differently from float32: an expert near it
+        # would join or leave the softmax and change the weight by up to half)
+        noisy = logits.float() + noise
+        first = noisy.argmax(dim=-1, keepdim=True)  # [T, 1]
+        second = noisy.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
+        w_first = routing._sparsemixer_weight(logits, logits, first, 0.01)
+        w_second = routing._sparsemixer_weight(logits, logits.scatter(-1, first, float("-inf")), second, 0.01)
+        return torch.cat([w_first, w_second], dim=-1).float(), torch.cat([first, second], dim=-1)
+
+    return route
 
 
 # custom routing functions the plugin knows, by "module:qualified name" -> the family that reproduces them
