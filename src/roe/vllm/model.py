@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import gumbel_noise, layer_taus
-from . import gate
+from . import gate, grouped, mla
 from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
 
 
@@ -60,6 +60,7 @@ class _Step:
         self.rows = idx.repeat_interleave(k - 1)  # [extra] the vLLM row each noisy row copies
         self.noise: dict[int, torch.Tensor] = {}  # MoE ordinal -> [extra, E] tau-scaled noise
         self.widened = False
+        self.parked: dict[int, torch.Tensor] = {}  # id of an N-row tensor between layers -> its noisy rows
 
 
 class RoEMixin:
@@ -100,7 +101,7 @@ class RoEMixin:
             runners = [m for m in layer.modules() if isinstance(m, MoERunnerInterface)]
             if runners:
                 moe.append((i, runners[0]))
-            self._roe_attn += [(i, m) for m in layer.modules() if isinstance(m, Attention)]
+            self._roe_attn += [(i, m) for m in layer.modules() if isinstance(m, Attention) or mla.is_mla(m)]
         if not moe:
             raise RoESettingsError(f"roe: this '{_arch(vllm_config)}' model has no MoE layers; RoE needs at least one")
         try:
@@ -115,14 +116,17 @@ class RoEMixin:
                 _hook_router(self, m, runner)
         for i, attn in self._roe_attn:
             if self._roe_fanout is not None and i >= self._roe_fanout:
-                _hook_attention(self, attn)
+                (mla.hook if mla.is_mla(attn) else _hook_attention)(self, attn)
         _log_start(cfg, self._roe_taus, _arch(vllm_config))
         if self._roe_fanout is not None:
-            for attn in {a.head_size: a for _, a in self._roe_attn}.values():  # one probe per head size
-                _probe_layout_at_start(attn, vllm_config)
+            for attn in {(mla.is_mla(a), a.head_size): a for _, a in self._roe_attn}.values():  # one per kind
+                (mla.probe_layout_at_start if mla.is_mla(attn) else _probe_layout_at_start)(attn, vllm_config)
         if self._roe_fanout is not None:
-            for layer in list(layers)[self._roe_fanout :]:
-                layer.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
+            parks = _arch(vllm_config) in PARKED  # the noisy rows wait outside the model's loop between layers
+            for module in list(layers)[self._roe_fanout :] + ([self.model.norm] if parks else []):
+                module.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
+                if parks:
+                    module.register_forward_hook(partial(_park, self))
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
@@ -145,6 +149,8 @@ class RoEMixin:
         if not step.widened:
             raise RuntimeError("roe: the noisy rows never entered the model (the fan-out layer did not run)")
         n = step.n
+        if step.parked:
+            hidden = torch.cat([hidden, step.parked.pop(id(hidden))], dim=0)
         self._roe_hidden = (hidden[step.idx], hidden[n:], step)
         return hidden[:n]
 
@@ -249,20 +255,41 @@ def _widen(model: RoEMixin, layer: nn.Module, args, kwargs):
 
     def grow(x):
         if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n:
-            return torch.cat([x, x[rows]], dim=0)
+            return torch.cat([x, step.parked.pop(id(x)) if id(x) in step.parked else x[rows]], dim=0)
         return x
 
     step.widened = True
     return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
+# models whose decoder loop cuts every layer's output back to the positions' length (DeepSeek's sequence-parallel
+# MoE gathers rows that way): each of their layers from the fan-out on hands back the N rows and parks the noisy
+# rows, which the next layer (or the final norm) takes back in
+PARKED = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+
+
+def _park(model: RoEMixin, module: nn.Module, args, output):
+    step = model._roe_step
+    if step is None:
+        return None
+    n, total = step.n, step.n + step.extra
+
+    def cut(x):
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == total:
+            head = x[:n]
+            step.parked[id(head)] = x[n:]
+            return head
+        return x
+
+    return tuple(cut(x) for x in output) if isinstance(output, tuple) else cut(output)
+
+
 def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
     """Gumbel-top-k for the noisy rows of one MoE layer; vLLM's own routing for the others."""
     router = runner.router
-    if getattr(router, "use_grouped_topk", False) or getattr(router, "e_score_correction_bias", None) is not None:
-        raise RoESettingsError(f"roe: {type(router).__name__} (grouped / biased routing) is not supported by the plugin")
+    select = grouped.grouped_select(router) if grouped.is_grouped(router) else None  # DeepSeek-V2/V3
     scoring = getattr(router, "scoring_func", "softmax")
-    if scoring != "softmax":
+    if scoring != "softmax" and select is None:
         raise RoESettingsError(f"roe: routers scoring with {scoring!r} are not supported by the plugin")
     if runner.is_monolithic:
         raise RoESettingsError(
@@ -279,11 +306,14 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
             return weights, ids
         n = step.n
         logits = router_logits[n:].float()
-        probs = F.softmax(logits, dim=-1)
-        noisy_idx = torch.topk(logits + step.noise[ordinal], top_k, dim=-1).indices
-        noisy_w = probs.gather(-1, noisy_idx)
-        if renormalize:
-            noisy_w = noisy_w / noisy_w.sum(dim=-1, keepdim=True)
+        if select is not None:
+            noisy_w, noisy_idx = select(logits, step.noise[ordinal])
+        else:
+            probs = F.softmax(logits, dim=-1)
+            noisy_idx = torch.topk(logits + step.noise[ordinal], top_k, dim=-1).indices
+            noisy_w = probs.gather(-1, noisy_idx)
+            if renormalize:
+                noisy_w = noisy_w / noisy_w.sum(dim=-1, keepdim=True)
         if model._roe_record is not None:  # tests and diagnostics: the experts each noisy row visited
             model._roe_record.append((ordinal, noisy_idx.cpu()))
         weights = torch.cat([weights[:n], noisy_w.to(weights.dtype)]).contiguous()

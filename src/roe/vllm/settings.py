@@ -15,10 +15,13 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
+    # vllm-mla group (issue 22): MLA's latent cache (mla.py), grouped routers (grouped.py)
+    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
 }
 
 # for the one-line refusals
-SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE"
+SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE, DeepSeek-V2, DeepSeek-V3"
 
 _PORT = "is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"
 _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"
@@ -26,7 +29,6 @@ _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and nee
 # not in SUPPORTED refuses, see gate.py; they run unchanged without `roe`)
 GUARDED: dict[str, tuple[str, str, str]] = {
     "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM", _PORT + " (attention sinks and sliding windows)"),
-    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM", _PORT + " (grouped sigmoid router, MLA)"),
     "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM", _PORT + " (grouped sigmoid router)"),
     "Ernie4_5_MoeForCausalLM": ("ernie45_moe", "Ernie4_5_MoeForCausalLM", _PORT + " (biased router)"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM", _DENSE),
