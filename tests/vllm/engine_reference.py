@@ -2,12 +2,12 @@
 
     python engine_reference.py JOBS.json OUT.json
 
-JOBS: a list of {"path", "roe": RoEConfig fields, "prompts", "max_new_tokens", optional "dtype"}; OUT: per job, per prompt,
-{"prompt_ids", "token_ids", "logprobs"} from greedy decoding (clean cache, float32 unless the job says), logprobs being the
-aggregated log-probability of each generated token (scored teacher-forced, the generation's semantics);
-a sequence that stopped at EOS ends with the EOS token, as vLLM reports it. A job with "score" (a list of
-[prompt_ids, token_ids]) instead scores those tokens teacher-forced: per pair {"logprobs", "greedy"} (whether
-every token is the engine's argmax).
+JOBS: a list of {"path", "roe": RoEConfig fields, "prompts", "max_new_tokens", optional "dtype"}; OUT: per job,
+per prompt, {"prompt_ids", "token_ids", "logprobs"} from greedy decoding (clean cache, float32 unless the job
+says "dtype"), logprobs being the aggregated log-probability of each generated token (scored teacher-forced,
+the generation's semantics); a sequence that stopped at EOS ends with the EOS token, as vLLM reports it. A job
+with "score" (a list of [prompt_ids, token_ids]) instead scores those tokens teacher-forced: per pair
+{"logprobs", "greedy"} (whether every token is the engine's argmax).
 """
 
 import json

@@ -21,7 +21,8 @@ from .settings import RoESettingsError
 
 
 def is_grouped(router) -> bool:
-    return bool(getattr(router, "use_grouped_topk", False)) or getattr(router, "e_score_correction_bias", None) is not None
+    biased = getattr(router, "e_score_correction_bias", None) is not None
+    return bool(getattr(router, "use_grouped_topk", False)) or biased
 
 
 def grouped_select(router):
@@ -30,7 +31,9 @@ def grouped_select(router):
     if scoring not in ("softmax", "sigmoid"):
         raise RoESettingsError(f"roe: routers scoring with {scoring!r} are not supported by the plugin")
     if not getattr(router, "use_grouped_topk", False):
-        raise RoESettingsError(f"roe: {type(router).__name__} (biased routing without groups) is not supported by the plugin")
+        raise RoESettingsError(
+            f"roe: {type(router).__name__} (biased routing without groups) is not supported by the plugin"
+        )
     groups, topk_group = int(router.num_expert_group or 1), int(router.topk_group or 1)
     top_k, renormalize = int(router.top_k), bool(router.renormalize)
     scale = float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)

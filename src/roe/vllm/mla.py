@@ -49,7 +49,9 @@ def latent_view(attn: nn.Module, cache: torch.Tensor):
 def probe_layout_at_start(attn: nn.Module, vllm_config) -> None:
     """Before vLLM reports ready: random latents stored with the backend's own update must read back."""
     if vllm_config.cache_config.cache_dtype not in ("auto", None):
-        raise RoESettingsError("roe: quantized KV caches (--kv-cache-dtype) are not supported by the plugin; drop the flag")
+        raise RoESettingsError(
+            "roe: quantized KV caches (--kv-cache-dtype) are not supported by the plugin; drop the flag"
+        )
     if getattr(attn, "dcp_q_replicate", False) or getattr(attn.impl, "dcp_world_size", 1) > 1:
         raise RoESettingsError("roe: decode context parallelism with MLA is not supported by the plugin")
     dtype, bs = vllm_config.model_config.dtype, vllm_config.cache_config.block_size
