@@ -40,6 +40,14 @@ ARCHS.update({
     "deepseek_v3": dict(MLA, q_lora_rank=64, n_group=4, topk_group=2, topk_method="noaux_tc", norm_topk_prob=True,
                         scoring_func="sigmoid"),
 })
+# Gated DeltaNet (qwen3_next): the CPU kernels need bfloat16 and head dim 128; layer 0 recurrent and shared (before
+# the fan-out), a full-attention layer in the middle
+ARCHS["qwen3_next"] = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=64,
+                           shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[],
+                           norm_topk_prob=True, layer_types=["linear_attention", "linear_attention",
+                                                             "full_attention", "linear_attention"],
+                           linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=128,
+                           linear_value_head_dim=128, linear_conv_kernel_dim=4)
 # the MLA checkpoints run only under these vLLM options: the CPU rotary-embedding kernel is wrong from the
 # second token on (the native rotary is right), and CPU_MLA is the backend whose latent cache RoE reads
 MLA_VLLM = dict(dtype="bfloat16", attention_config={"backend": "CPU_MLA"},

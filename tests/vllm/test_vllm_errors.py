@@ -107,7 +107,6 @@ def test_every_registered_architecture_is_ported_or_refused():
 UNPORTED = [
     ("llama4_text", "Llama4ForCausalLM", {}),
     ("phimoe", "PhiMoEForCausalLM", {}),
-    ("qwen3_next", "Qwen3NextForCausalLM", {}),
     ("flex_olmo", "FlexOlmoForCausalLM", {}),  # vLLM's Transformers backend
 ]
 

@@ -15,6 +15,8 @@ whose logits vLLM computes: the last prompt token at prefill, the new token at d
   values are written to the paged KV cache. A noisy row attends to the clean keys/values of every earlier
   position of its sequence, read from that cache through the block table, plus its own key/value for the
   current position, which is never stored. Samples share nothing but the clean history.
+  MLA layers read the clean latent cache the same way (mla.py); Gated DeltaNet layers step copies of the clean
+  recurrent states (recurrent.py).
 * Logits. `forward` returns the N clean rows to vLLM and keeps the noisy rows' final hidden states;
   `compute_logits` computes the K logit rows of each sequence and returns the aggregate
   (log of the mean of the K softmaxes by default), a normalised log-distribution, to vLLM's sampler.
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import gumbel_noise, layer_taus
-from . import gate, grouped, mla
+from . import gate, grouped, mla, recurrent
 from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
 
 
@@ -117,6 +119,12 @@ class RoEMixin:
         for i, attn in self._roe_attn:
             if self._roe_fanout is not None and i >= self._roe_fanout:
                 (mla.hook if mla.is_mla(attn) else _hook_attention)(self, attn)
+        for layer in list(layers)[self._roe_fanout :] if self._roe_fanout is not None else []:
+            for m in [m for m in layer.modules() if recurrent.is_gdn(m)]:  # linear attention (Qwen3-Next)
+                reason = recurrent.check_supported(m)
+                if reason is not None:
+                    raise RoESettingsError(reason)
+                recurrent.hook(self, m)
         _log_start(cfg, self._roe_taus, _arch(vllm_config))
         if self._roe_fanout is not None:
             for attn in {(mla.is_mla(a), a.head_size): a for _, a in self._roe_attn}.values():  # one per kind

@@ -18,10 +18,11 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     # vllm-mla group (issue 22): MLA's latent cache (mla.py), grouped routers (grouped.py)
     "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
+    "Qwen3NextForCausalLM": ("qwen3_next", "Qwen3NextForCausalLM"),  # Gated DeltaNet states (recurrent.py)
 }
 
 # for the one-line refusals
-SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE, DeepSeek-V2/V3"
+SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen2/3-MoE, GraniteMoE, DeepSeek-V2/V3, Qwen3-Next"
 
 _PORT = "is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"
 _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"
@@ -30,10 +31,6 @@ _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and nee
 GUARDED: dict[str, tuple[str, str, str]] = {
     "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM", _PORT + " (attention sinks and sliding windows)"),
     "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM", _PORT + " (grouped sigmoid router)"),
-    # vllm-mla group: not ported yet (the noisy rows' Gated DeltaNet step must start from the clean state before the
-    # RoE token, which vLLM's prefill never materialises)
-    "Qwen3NextForCausalLM": ("qwen3_next", "Qwen3NextForCausalLM",
-                             _PORT + " (Gated DeltaNet state under the clean cache)"),
     "Ernie4_5_MoeForCausalLM": ("ernie45_moe", "Ernie4_5_MoeForCausalLM", _PORT + " (biased router)"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM", _DENSE),
     "MistralForCausalLM": ("mistral", "MistralForCausalLM", _DENSE),
