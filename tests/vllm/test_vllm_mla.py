@@ -15,8 +15,10 @@ from test_vllm_roe import ARRIVALS, NEW, PROMPTS, ROE, _continuous, _greedy
 
 ARCHS = ["deepseek_v2", "deepseek_v3"]
 F32 = {**MLA_VLLM, "dtype": "float32"}
-LOGPROB_TOL = 2e-3  # float32, |vLLM - engine| per token
-# bfloat16, over the common greedy prefix: tau -> 0 vs plain vLLM (both vLLM) and RoE vs the engine in bf16
+LOGPROB_TOL = 2e-3  # float32, |vLLM - engine| per token (measured: max 9.5e-6 V2, 6.0e-6 V3)
+# bfloat16, over the common greedy prefix: tau -> 0 vs plain vLLM (both vLLM; measured mean 0.003, max 0.03) and
+# RoE vs the engine in bf16 (measured: V2 59/72 tokens shared, mean 0.025, max 0.09; V3 44/72, mean 0.064,
+# max 0.82: transformers' and vLLM's bf16 sigmoid routers round differently and flip near-ties)
 TINY_MEAN, TINY_MAX = 0.05, 0.5
 BF16_MEAN, BF16_MAX, BF16_MIN_SHARED = 0.1, 1.0, 0.5
 
