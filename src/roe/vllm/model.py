@@ -16,6 +16,8 @@ whose logits vLLM computes: the last prompt token at prefill, the new token at d
   values are written to the paged KV cache. A noisy row attends to the clean keys/values of every earlier
   position of its sequence, read from that cache through the block table, plus its own key/value for the
   current position, which is never stored. Samples share nothing but the clean history.
+  MLA layers read the clean latent cache the same way (mla.py); Gated DeltaNet layers step copies of the clean
+  recurrent states (recurrent.py).
 * Logits. `forward` returns the N clean rows to vLLM and keeps the noisy rows' final hidden states;
   `compute_logits` computes the K logit rows of each sequence and returns the aggregate
   (log of the mean of the K softmaxes by default), a normalised log-distribution, to vLLM's sampler.
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import gumbel_noise, layer_taus
-from . import gate, routers
+from . import gate, mla, recurrent, routers
 from .attend import attend
 from .history import history_blocks, reference_layer
 from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
@@ -63,6 +65,7 @@ class _Step:
         self.rows = idx.repeat_interleave(k - 1)  # [extra] the vLLM row each noisy row copies
         self.noise: dict[int, torch.Tensor] = {}  # MoE ordinal -> [extra, E] tau-scaled noise
         self.widened = False
+        self.parked: dict[int, torch.Tensor] = {}  # id of an N-row tensor between layers -> its noisy rows
 
 
 class RoEMixin:
@@ -103,7 +106,7 @@ class RoEMixin:
             runners = [m for m in layer.modules() if isinstance(m, MoERunnerInterface)]
             if runners:
                 moe.append((i, runners[0]))
-            self._roe_attn += [(i, m) for m in layer.modules() if isinstance(m, Attention)]
+            self._roe_attn += [(i, m) for m in layer.modules() if isinstance(m, Attention) or mla.is_mla(m)]
         if not moe:
             raise RoESettingsError(f"roe: this '{_arch(vllm_config)}' model has no MoE layers; RoE needs at least one")
         try:
@@ -119,14 +122,23 @@ class RoEMixin:
                 _hook_router(self, m, runner)
         for i, attn in self._roe_attn:
             if self._roe_fanout is not None and i >= self._roe_fanout:
-                _hook_attention(self, attn)
+                (mla.hook if mla.is_mla(attn) else _hook_attention)(self, attn)
+        for layer in list(layers)[self._roe_fanout :] if self._roe_fanout is not None else []:
+            for m in [m for m in layer.modules() if recurrent.is_gdn(m)]:  # linear attention (Qwen3-Next)
+                reason = recurrent.check_supported(m)
+                if reason is not None:
+                    raise RoESettingsError(reason)
+                recurrent.hook(self, m)
         _log_start(cfg, self._roe_taus, _arch(vllm_config))
         if self._roe_fanout is not None:
-            for attn in {a.head_size: a for _, a in self._roe_attn}.values():  # one probe per head size
-                _probe_layout_at_start(attn, vllm_config)
+            for attn in {(mla.is_mla(a), a.head_size): a for _, a in self._roe_attn}.values():  # one per kind
+                (mla.probe_layout_at_start if mla.is_mla(attn) else _probe_layout_at_start)(attn, vllm_config)
         if self._roe_fanout is not None:
-            for layer in list(layers)[self._roe_fanout :]:
-                layer.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
+            parks = _arch(vllm_config) in PARKED  # the noisy rows wait outside the model's loop between layers
+            for module in list(layers)[self._roe_fanout :] + ([self.model.norm] if parks else []):
+                module.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
+                if parks:
+                    module.register_forward_hook(partial(_park, self))
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
@@ -149,6 +161,8 @@ class RoEMixin:
         if not step.widened:
             raise RuntimeError("roe: the noisy rows never entered the model (the fan-out layer did not run)")
         n = step.n
+        if step.parked:
+            hidden = torch.cat([hidden, step.parked.pop(id(hidden))], dim=0)
         self._roe_hidden = (hidden[step.idx], hidden[n:], step)
         return hidden[:n]
 
@@ -253,11 +267,33 @@ def _widen(model: RoEMixin, layer: nn.Module, args, kwargs):
 
     def grow(x):
         if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n:
-            return torch.cat([x, x[rows]], dim=0)
+            return torch.cat([x, step.parked.pop(id(x)) if id(x) in step.parked else x[rows]], dim=0)
         return x
 
     step.widened = True
     return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+# models whose decoder loop cuts every layer's output back to the positions' length (DeepSeek's sequence-parallel
+# MoE gathers rows that way): each of their layers from the fan-out on hands back the N rows and parks the noisy
+# rows, which the next layer (or the final norm) takes back in
+PARKED = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+
+
+def _park(model: RoEMixin, module: nn.Module, args, output):
+    step = model._roe_step
+    if step is None:
+        return None
+    n, total = step.n, step.n + step.extra
+
+    def cut(x):
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == total:
+            head = x[:n]
+            step.parked[id(head)] = x[n:]
+            return head
+        return x
+
+    return tuple(cut(x) for x in output) if isinstance(output, tuple) else cut(output)
 
 
 def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
