@@ -27,7 +27,7 @@ SUPPORTED: dict[str, tuple[str, str]] = {
 }
 
 # for the one-line refusals
-SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen2/3-MoE, Qwen3-Next, GraniteMoE, GLM-4.5, GPT-OSS, Llama 4, Phi-3.5-MoE, DeepSeek-V2/V3"
+SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen2/3-MoE, Qwen3-Next, GraniteMoE, GLM-4.5, GPT-OSS, Llama 4, PhiMoE, DeepSeek-V2/3"
 
 _PORT = "is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"
 _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"
