@@ -89,7 +89,7 @@ def test_softmax_topk_and_custom_functions_are_the_engines():
 def test_unknown_routers_are_refused_in_one_line():
     unknown = _cpu_router(custom_routing_function=lambda **kw: None)
     for router in (unknown, _cpu_router(e_score_correction_bias=torch.zeros(E)), _cpu_router(scoring_func="sqrtsoftplus"),
-                   _cpu_router(_hash_indices_table=torch.zeros(4))):
+                   _cpu_router(_hash_indices_table=torch.zeros(4)), type("ZeroExpertRouter", (), {})()):
         with pytest.raises(RoESettingsError) as info:
             routers.noisy_routing(router)
         assert str(info.value).startswith("roe: ") and "\n" not in str(info.value) and len(str(info.value)) < 200

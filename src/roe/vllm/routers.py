@@ -149,8 +149,16 @@ CUSTOM: dict[str, Callable[[object], Route]] = {
 }
 
 
+# the vLLM router classes whose computation the families above reproduce (others: zero experts, routing
+# simulation, ROCm's fused shared experts, ... are refused)
+KNOWN = {"CPURouter", "GroupedTopKRouter", "FusedTopKRouter", "FusedTopKBiasRouter", "CustomRoutingRouter"}
+
+
 def noisy_routing(router) -> Route:
     """The noisy-row routing that reproduces `router`'s family, or a one-line refusal."""
+    kind = type(router).__name__
+    if kind not in KNOWN or getattr(router, "num_fused_shared_experts", 0):
+        raise RoESettingsError(f"roe: vLLM's {kind} (this model's MoE router) is not supported by the plugin")
     if getattr(router, "_hash_indices_table", None) is not None:
         raise RoESettingsError("roe: hash-routed MoE layers (a fixed expert per token id) are not supported by the plugin")
     if getattr(router, "use_grouped_topk", False) or type(router).__name__ == "GroupedTopKRouter":
