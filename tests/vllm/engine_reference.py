@@ -2,12 +2,12 @@
 
     python engine_reference.py JOBS.json OUT.json
 
-JOBS: a list of {"path", "roe": RoEConfig fields, "prompts", "max_new_tokens"}; OUT: per job, per prompt,
-{"prompt_ids", "token_ids", "logprobs"} from greedy decoding (clean cache, float32), logprobs being the
-aggregated log-probability of each generated token (scored teacher-forced, the generation's semantics);
-a sequence that stopped at EOS ends with the EOS token, as vLLM reports it. A job with "score" (a list of
-[prompt_ids, token_ids]) instead scores those tokens teacher-forced: per pair {"logprobs", "greedy"} (whether
-every token is the engine's argmax).
+JOBS: a list of {"path", "roe": RoEConfig fields, "prompts", "max_new_tokens", optional "dtype"}; OUT: per job,
+per prompt, {"prompt_ids", "token_ids", "logprobs"} from greedy decoding (clean cache, float32 unless the job
+says "dtype"), logprobs being the aggregated log-probability of each generated token (scored teacher-forced,
+the generation's semantics); a sequence that stopped at EOS ends with the EOS token, as vLLM reports it. A job
+with "score" (a list of [prompt_ids, token_ids]) instead scores those tokens teacher-forced: per pair
+{"logprobs", "greedy"} (whether every token is the engine's argmax).
 """
 
 import json
@@ -19,7 +19,8 @@ from roe import RoEConfig, RosterOfExperts
 
 
 def run(job: dict) -> list[dict]:
-    roster = RosterOfExperts.from_pretrained(job["path"], roe=RoEConfig(**job["roe"]), dtype=torch.float32)
+    dtype = getattr(torch, job.get("dtype", "float32"))  # the MLA and GDN checkpoints: vLLM runs them in bfloat16
+    roster = RosterOfExperts.from_pretrained(job["path"], roe=RoEConfig(**job["roe"]), dtype=dtype)
     if "score" in job:
         scored = roster.token_logprobs([(ids, tokens) for ids, tokens in job["score"]], with_greedy=True)
         return [{"logprobs": lp.tolist(), "greedy": bool(greedy)} for lp, greedy in scored]

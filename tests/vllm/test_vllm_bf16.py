@@ -8,6 +8,7 @@ the vec reader on the AMX cache: mean 0.53, max 1.1 on Mixtral; the real reader:
 import pytest
 import torch
 
+from checkpoints import LLM_ARGS
 from conftest import start_llm, stop_llm
 
 PROMPTS = ["Hello world", "abc", "The quick brown fox jumps over", "x", "0123456789", "Roster of Experts!"]
@@ -24,13 +25,18 @@ def _greedy(llm):
     return toks, lps
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral"])  # mixtral: a sliding window and grouped-query attention
+# mixtral: a sliding window and grouped-query attention; glm4_moe: the grouped sigmoid router; gpt_oss: sinks
+# and alternating sliding windows; llama4_text: chunked local attention (its own block tables), NoPE layers;
+# (not phimoe: its sparsemixer weights jump where a logit crosses a 2% relative threshold, so the bfloat16 rounding
+# difference between the noisy rows' attention read and vLLM's kernel flips an expert in or out of the softmax on
+# a few tokens: measured mean 0.048, max 1.13 nats over 67 tokens, with tau -> 0)
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "glm4_moe", "gpt_oss", "llama4_text"])
 def test_bf16_noisy_rows_read_the_cache(checkpoint, arch):
-    path = checkpoint(arch)
-    llm = start_llm(path, dtype="bfloat16")
+    path, extra = checkpoint(arch), LLM_ARGS.get(arch, {})
+    llm = start_llm(path, dtype="bfloat16", **extra)
     plain, plain_lp = _greedy(llm)
     stop_llm(llm)
-    llm = start_llm(path, dtype="bfloat16", roe={"num_samples": 8, "tau": 1e-6, "seed": 0})
+    llm = start_llm(path, dtype="bfloat16", roe={"num_samples": 8, "tau": 1e-6, "seed": 0}, **extra)
     isa = llm.apply_model(lambda m: {getattr(a, "isa", None) for _, a in m._roe_attn})[0]
     roe, roe_lp = _greedy(llm)
     stop_llm(llm)
@@ -42,6 +48,7 @@ def test_bf16_noisy_rows_read_the_cache(checkpoint, arch):
             if a[i] != b[i]:
                 break  # past a flipped near-tie the two continue from different prefixes
     assert len(diffs) >= len(PROMPTS) * 4
+    print(f"\n{arch} bf16 ({isa}): |RoE(tau->0) - plain| mean {sum(diffs) / len(diffs):.3f}, max {max(diffs):.3f}")
     assert sum(diffs) / len(diffs) < MEAN_TOL and max(diffs) < MAX_TOL, (sum(diffs) / len(diffs), max(diffs))
 
 

@@ -21,6 +21,8 @@ entry point (`roe = roe.vllm:register`). No fork of vLLM and no patch of its sou
   seq_lens, block tables and slot mappings, and `skip_compiled`): the clean rows go through vLLM's attention
   and are the only ones written to the paged KV cache; the noisy rows attend to the clean history read from
   that cache plus their own key/value (see `model.py`);
+* vLLM's MLA layer (`MLAAttention`, DeepSeek-V2/V3: the noisy rows read the latent cache, `mla.py`) and its
+  Gated DeltaNet layer (Qwen3-Next: the noisy rows step copies of the clean recurrent states, `recurrent.py`);
 * the model's `compute_logits`, vLLM's logits hook: the K rows of a sequence are aggregated there, so vLLM's
   sampler sees one distribution per sequence (greedy, temperature, top-p, seeds, stop strings, `n` and
   logprobs work as usual).

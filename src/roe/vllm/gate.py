@@ -34,7 +34,7 @@ def refusal(arch: str) -> str | None:
         return None
     if arch in GUARDED:
         return f"roe: '{arch}' {GUARDED[arch][2]}"
-    return f"roe: vLLM runs this model as '{arch}', which the RoE plugin does not support (supported: {SUPPORTED_NAMES})"
+    return f"roe: RoE does not support '{arch}' in vLLM (it runs {SUPPORTED_NAMES})"
 
 
 def install(registry) -> None:

@@ -9,12 +9,15 @@ whose logits vLLM computes: the last prompt token at prefill, the new token at d
   same thing for all K samples, so they run once (as the project's engine does).
 * Routing. Each MoE layer's router is vLLM's own for the N rows; for the noisy rows the choice is
   TopK(router_logits + tau_layer * G) with G = roe.routing.gumbel_noise(seed, position, sample, MoE layer,
-  expert) (computed on the device for the whole step, no host loop), and the weights of the chosen experts
-  are the model's (softmax probabilities, renormalised if the model renormalises).
+  expert) (computed on the device for the whole step, no host loop), the noise on the logit pre-image of what
+  the router ranks, and the weights of the chosen experts are the router's own (routers.py: one family per kind
+  of vLLM router).
 * Attention (clean cache). The N rows go through vLLM's attention layer unchanged, so only their keys and
   values are written to the paged KV cache. A noisy row attends to the clean keys/values of every earlier
   position of its sequence, read from that cache through the block table, plus its own key/value for the
   current position, which is never stored. Samples share nothing but the clean history.
+  MLA layers read the clean latent cache the same way (mla.py); Gated DeltaNet layers step copies of the clean
+  recurrent states (recurrent.py).
 * Logits. `forward` returns the N clean rows to vLLM and keeps the noisy rows' final hidden states;
   `compute_logits` computes the K logit rows of each sequence and returns the aggregate
   (log of the mean of the K softmaxes by default), a normalised log-distribution, to vLLM's sampler.
@@ -35,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import gumbel_noise, layer_taus
-from . import gate
+from . import gate, mla, recurrent, routers
+from .attend import attend
+from .history import history_blocks, reference_layer
 from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
 
 
@@ -60,6 +65,7 @@ class _Step:
         self.rows = idx.repeat_interleave(k - 1)  # [extra] the vLLM row each noisy row copies
         self.noise: dict[int, torch.Tensor] = {}  # MoE ordinal -> [extra, E] tau-scaled noise
         self.widened = False
+        self.parked: dict[int, torch.Tensor] = {}  # id of an N-row tensor between layers -> its noisy rows
 
 
 class RoEMixin:
@@ -100,13 +106,14 @@ class RoEMixin:
             runners = [m for m in layer.modules() if isinstance(m, MoERunnerInterface)]
             if runners:
                 moe.append((i, runners[0]))
-            self._roe_attn += [(i, m) for m in layer.modules() if isinstance(m, Attention)]
+            self._roe_attn += [(i, m) for m in layer.modules() if isinstance(m, Attention) or mla.is_mla(m)]
         if not moe:
             raise RoESettingsError(f"roe: this '{_arch(vllm_config)}' model has no MoE layers; RoE needs at least one")
         try:
             self._roe_taus = layer_taus(cfg.tau, cfg.skip_layers, len(moe))
         except ValueError as e:
             raise RoESettingsError(f"roe: {e}") from None
+        self._roe_ref_attn = reference_layer([a for _, a in self._roe_attn])  # its metadata lists the sequences
         self._roe_experts = [int(r.router.global_num_experts) for _, r in moe]
         noisy = [i for (i, _), t in zip(moe, self._roe_taus) if t > 0]
         self._roe_fanout = noisy[0] if noisy and cfg.num_samples > 1 else None
@@ -115,14 +122,23 @@ class RoEMixin:
                 _hook_router(self, m, runner)
         for i, attn in self._roe_attn:
             if self._roe_fanout is not None and i >= self._roe_fanout:
-                _hook_attention(self, attn)
+                (mla.hook if mla.is_mla(attn) else _hook_attention)(self, attn)
+        for layer in list(layers)[self._roe_fanout :] if self._roe_fanout is not None else []:
+            for m in [m for m in layer.modules() if recurrent.is_gdn(m)]:  # linear attention (Qwen3-Next)
+                reason = recurrent.check_supported(m)
+                if reason is not None:
+                    raise RoESettingsError(reason)
+                recurrent.hook(self, m)
         _log_start(cfg, self._roe_taus, _arch(vllm_config))
         if self._roe_fanout is not None:
-            for attn in {a.head_size: a for _, a in self._roe_attn}.values():  # one probe per head size
-                _probe_layout_at_start(attn, vllm_config)
+            for attn in {(mla.is_mla(a), a.head_size): a for _, a in self._roe_attn}.values():  # one per kind
+                (mla.probe_layout_at_start if mla.is_mla(attn) else _probe_layout_at_start)(attn, vllm_config)
         if self._roe_fanout is not None:
-            for layer in list(layers)[self._roe_fanout :]:
-                layer.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
+            parks = _arch(vllm_config) in PARKED  # the noisy rows wait outside the model's loop between layers
+            for module in list(layers)[self._roe_fanout :] + ([self.model.norm] if parks else []):
+                module.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
+                if parks:
+                    module.register_forward_hook(partial(_park, self))
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
@@ -145,6 +161,8 @@ class RoEMixin:
         if not step.widened:
             raise RuntimeError("roe: the noisy rows never entered the model (the fan-out layer did not run)")
         n = step.n
+        if step.parked:
+            hidden = torch.cat([hidden, step.parked.pop(id(hidden))], dim=0)
         self._roe_hidden = (hidden[step.idx], hidden[n:], step)
         return hidden[:n]
 
@@ -158,7 +176,7 @@ class RoEMixin:
             raise RuntimeError("roe: speculative decoding / micro-batching is not supported with RoE")
         if not meta:  # profiling and dummy runs
             return None
-        first = meta.get(self._roe_attn[0][1].layer_name) if isinstance(meta, dict) else meta
+        first = meta.get(self._roe_ref_attn.layer_name) if isinstance(meta, dict) else meta
         if first is None:
             return None
         qsl = first.query_start_loc
@@ -249,27 +267,44 @@ def _widen(model: RoEMixin, layer: nn.Module, args, kwargs):
 
     def grow(x):
         if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n:
-            return torch.cat([x, x[rows]], dim=0)
+            return torch.cat([x, step.parked.pop(id(x)) if id(x) in step.parked else x[rows]], dim=0)
         return x
 
     step.widened = True
     return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
+# models whose decoder loop cuts every layer's output back to the positions' length (DeepSeek's sequence-parallel
+# MoE gathers rows that way): each of their layers from the fan-out on hands back the N rows and parks the noisy
+# rows, which the next layer (or the final norm) takes back in
+PARKED = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+
+
+def _park(model: RoEMixin, module: nn.Module, args, output):
+    step = model._roe_step
+    if step is None:
+        return None
+    n, total = step.n, step.n + step.extra
+
+    def cut(x):
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == total:
+            head = x[:n]
+            step.parked[id(head)] = x[n:]
+            return head
+        return x
+
+    return tuple(cut(x) for x in output) if isinstance(output, tuple) else cut(output)
+
+
 def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
-    """Gumbel-top-k for the noisy rows of one MoE layer; vLLM's own routing for the others."""
+    """Gumbel-top-k for the noisy rows of one MoE layer (the router's family, routers.py); vLLM's own routing
+    for the others."""
     router = runner.router
-    if getattr(router, "use_grouped_topk", False) or getattr(router, "e_score_correction_bias", None) is not None:
-        raise RoESettingsError(f"roe: {type(router).__name__} (grouped / biased routing) is not supported by the plugin")
-    scoring = getattr(router, "scoring_func", "softmax")
-    if scoring != "softmax":
-        raise RoESettingsError(f"roe: routers scoring with {scoring!r} are not supported by the plugin")
+    route = routers.noisy_routing(router)
     if runner.is_monolithic:
         raise RoESettingsError(
             "roe: this MoE kernel routes inside the kernel (monolithic); RoE needs vLLM's modular MoE path"
         )
-    renormalize = bool(getattr(router, "renormalize", True))
-    top_k = int(router.top_k)
     original = router._compute_routing
 
     def compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None):
@@ -278,12 +313,7 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
         if step is None or router_logits.shape[0] != step.n + step.extra:
             return weights, ids
         n = step.n
-        logits = router_logits[n:].float()
-        probs = F.softmax(logits, dim=-1)
-        noisy_idx = torch.topk(logits + step.noise[ordinal], top_k, dim=-1).indices
-        noisy_w = probs.gather(-1, noisy_idx)
-        if renormalize:
-            noisy_w = noisy_w / noisy_w.sum(dim=-1, keepdim=True)
+        noisy_w, noisy_idx = route(router_logits[n:], step.noise[ordinal])  # the logits in vLLM's dtype
         if model._roe_record is not None:  # tests and diagnostics: the experts each noisy row visited
             model._roe_record.append((ordinal, noisy_idx.cpu()))
         weights = torch.cat([weights[:n], noisy_w.to(weights.dtype)]).contiguous()
@@ -296,8 +326,8 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
 def _hook_attention(model: RoEMixin, attn: nn.Module) -> None:
     original = attn.forward
     impl = attn.impl
-    if getattr(impl, "logits_soft_cap", None) or getattr(impl, "sinks", None) is not None:
-        raise RoESettingsError("roe: attention with soft-capping or sinks is not supported by the plugin")
+    if getattr(impl, "logits_soft_cap", None):
+        raise RoESettingsError("roe: attention with soft-capping is not supported by the plugin")
     window = getattr(impl, "sliding_window", None)
     if isinstance(window, (tuple, list)):
         window = window[0] + 1 if window[0] >= 0 else None
@@ -369,12 +399,13 @@ def _noisy_attention(model, attn, step: _Step, q, k, v, window):
     pos = step.pos.long()  # [R]: the history is positions 0 .. pos-1
     L = int(pos.max()) if R else 0
     j = torch.arange(max(L, 1), device=q.device)
-    table = meta.block_table[:R].long()
-    blocks = table.gather(1, (j // bs)[None].expand(R, -1).clamp(max=table.shape[1] - 1))  # [R, L]
+    table, base, first = history_blocks(attn, meta, step.idx, pos, bs)  # base: the position table[:, 0] starts at
+    rel = (j[None] - base[:, None]).clamp(min=0) // bs  # [R, L] (base is a multiple of bs)
+    blocks = table.gather(1, rel.clamp(max=table.shape[1] - 1))
     slots = (j % bs)[None].expand(R, -1)
     hist_k = read_k(blocks, slots)  # [R, L, Hkv, D]
     hist_v = read_v(blocks, slots)
-    ok = j[None] < pos[:, None]  # [R, L]
+    ok = (j[None] < pos[:, None]) & (j[None] >= first[:, None])  # [R, L]
     if window is not None:
         ok = ok & (pos[:, None] - j[None] < window)
     # slots outside the visible history (blocks vLLM freed behind a sliding window, padding up to the longest
@@ -388,7 +419,7 @@ def _noisy_attention(model, attn, step: _Step, q, k, v, window):
     all_v = torch.cat([hist_v.transpose(1, 2).to(q.dtype), own_v], dim=2)
     own = torch.eye(K1, dtype=torch.bool, device=q.device).repeat_interleave(G, 0)  # [(K-1)*G, K-1]
     mask = torch.cat([ok[:, None, :].expand(R, K1 * G, -1), own[None].expand(R, -1, -1)], dim=-1)[:, None]
-    out = F.scaled_dot_product_attention(qf, all_k, all_v, attn_mask=mask, scale=float(attn.impl.scale))
+    out = attend(qf, all_k, all_v, mask, float(attn.impl.scale), getattr(attn.impl, "sinks", None), G)
     return out.view(R, Hkv, K1, G, Dv).permute(0, 2, 1, 3, 4).reshape(R * K1, Hq * Dv)
 
 

@@ -15,19 +15,25 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
+    # vllm-ports
+    "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM"),
+    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
+    "Llama4ForCausalLM": ("llama4", "Llama4ForCausalLM"),  # text only
+    "PhiMoEForCausalLM": ("phimoe", "PhiMoEForCausalLM"),
+    # vllm-mla: MLA's latent cache (mla.py); Gated DeltaNet states (recurrent.py)
+    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
+    "Qwen3NextForCausalLM": ("qwen3_next", "Qwen3NextForCausalLM"),
 }
 
 # for the one-line refusals
-SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE"
+SUPPORTED_NAMES = "OLMoE, Mixtral, Qwen2/3-MoE, Qwen3-Next, GraniteMoE, GLM-4.5, GPT-OSS, Llama 4, PhiMoE, DeepSeek-V2/3"
 
 _PORT = "is a Mixture-of-Experts architecture the RoE vLLM plugin does not support yet"
 _DENSE = "is not a Mixture-of-Experts model: RoE perturbs expert routing and needs an MoE"
 # more specific reasons for some of the architectures that refuse to start with `roe` set (every architecture
 # not in SUPPORTED refuses, see gate.py; they run unchanged without `roe`)
 GUARDED: dict[str, tuple[str, str, str]] = {
-    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM", _PORT + " (attention sinks and sliding windows)"),
-    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM", _PORT + " (grouped sigmoid router, MLA)"),
-    "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM", _PORT + " (grouped sigmoid router)"),
     "Ernie4_5_MoeForCausalLM": ("ernie45_moe", "Ernie4_5_MoeForCausalLM", _PORT + " (biased router)"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM", _DENSE),
     "MistralForCausalLM": ("mistral", "MistralForCausalLM", _DENSE),
