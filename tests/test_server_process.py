@@ -63,7 +63,7 @@ class _Process:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    p = _Process(tmp_path_factory.mktemp("serve"), "builtin:s", "-k", "1")
+    p = _Process(tmp_path_factory.mktemp("serve"), "builtin:s", "-k", "1", "--dtype", "float32")
     yield p
     p.stop()
 
