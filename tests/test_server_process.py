@@ -94,7 +94,7 @@ def test_lm_eval_local_completions_matches_roe_at_k1(served, tmp_path, monkeypat
     api = simple_evaluate(model="local-completions", model_args=(
         f"base_url={served.url}/v1/completions,model=builtin,tokenizer_backend=huggingface,tokenizer={path},"
         "max_length=512,max_retries=1"), **common)
-    # the server loads float32 on CPU; lm-eval's roe model defaults to the checkpoint's dtype (bfloat16 here)
+    # both in float32 (each defaults to the checkpoint's own dtype, bfloat16 here)
     local = simple_evaluate(model="roe", model_args=f"pretrained={path},num_samples=1,dtype=float32", **common)
     for task in TASKS:
         a, b = _samples(api, task), _samples(local, task)
