@@ -32,9 +32,10 @@ def _draws(source, draws, experts, seed=0):
     return routing.gumbel_noise(torch.tensor(seed), torch.arange(draws)[:, None], torch.tensor(1), 3, experts)[:, 0]
 
 
-def _selected_set_frequencies(select, logits, tau, draws, seed=0, source="generator"):
+def _selected_set_frequencies(select, logits, tau, draws, seed=0, source="generator", router=None):
+    """How often each expert set is chosen over `draws` noise draws (the router defaults to a plain one)."""
     noise = _draws(source, draws, logits.numel(), seed) * tau
-    _, idx = select(_Router(), logits.expand(draws, -1), noise)
+    _, idx = select(router if router is not None else _Router(), logits.expand(draws, -1), noise)
     counts = {}
     for row in idx.sort(dim=-1).values.tolist():
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
@@ -55,12 +56,7 @@ def test_expert_sets_follow_sampling_without_replacement(tau, source):
     draws = 40_000
     counts = _selected_set_frequencies(lambda r, l, n: routing.softmax_topk(r, l, n, True), LOGITS, tau, draws,
                                        source=source)
-    expected = _expected_set_probs(LOGITS, tau)
-    keys = [s for s, q in expected.items() if q * draws >= 5]  # chi-square needs expected counts >= 5
-    rest = 1 - sum(expected[s] for s in keys)
-    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
-    exp = [expected[s] * draws for s in keys] + [rest * draws]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    assert _chi_square_pvalue(counts, _expected_set_probs(LOGITS, tau), draws) > 1e-3
 
 
 def test_chi_square_catches_noise_on_probabilities():
@@ -71,12 +67,7 @@ def test_chi_square_catches_noise_on_probabilities():
 
     draws, tau = 40_000, 0.3
     counts = _selected_set_frequencies(wrong, LOGITS, tau, draws)
-    expected = _expected_set_probs(LOGITS, tau)
-    keys = [s for s, q in expected.items() if q * draws >= 5]
-    rest = 1 - sum(expected[s] for s in keys)
-    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
-    exp = [expected[s] * draws for s in keys] + [rest * draws]
-    assert chisquare(obs, exp).pvalue < 1e-6
+    assert _chi_square_pvalue(counts, _expected_set_probs(LOGITS, tau), draws) < 1e-6
 
 
 def test_weights_are_the_models_own_for_the_chosen_experts():
@@ -219,11 +210,7 @@ def _chi_square_pvalue(counts, expected, draws):
 def test_new_families_draw_expert_sets_without_replacement(family):
     select, fn = NEW_FAMILIES[family]
     draws, tau = 40_000, 0.5
-    noise = _draws("engine", draws, LOGITS.numel()) * tau
-    _, idx = select(_FamilyRouter(fn), LOGITS.expand(draws, -1), noise)
-    counts = {}
-    for row in idx.sort(dim=-1).values.tolist():
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    counts = _selected_set_frequencies(select, LOGITS, tau, draws, source="engine", router=_FamilyRouter(fn))
     assert _chi_square_pvalue(counts, _expected_set_probs(LOGITS, tau), draws) > 1e-3
 
 
@@ -348,18 +335,10 @@ class _ArchBRouter:
 
 @pytest.mark.parametrize("family", ["topk_sigmoid", "softmax_topk_pnorm", "softmax_bias_scaled"])
 def test_arch_b_families_follow_sampling_without_replacement(family):
-    select = getattr(routing, family)
     draws, tau = 40_000, 0.7
-    noise = _draws("engine", draws, LOGITS.numel()) * tau
-    _, idx = select(_ArchBRouter(), LOGITS.expand(draws, -1), noise)
-    counts = {}
-    for row in idx.sort(dim=-1).values.tolist():
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    expected = _expected_set_probs(LOGITS, tau)
-    keys = [s for s, q in expected.items() if q * draws >= 5]
-    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
-    exp = [expected[s] * draws for s in keys] + [(1 - sum(expected[s] for s in keys)) * draws]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    counts = _selected_set_frequencies(getattr(routing, family), LOGITS, tau, draws, source="engine",
+                                       router=_ArchBRouter())
+    assert _chi_square_pvalue(counts, _expected_set_probs(LOGITS, tau), draws) > 1e-3
 
 
 def test_arch_b_weights_are_the_models_own():
@@ -420,17 +399,9 @@ def test_softmax_group_limited_is_gumbel_top_k(method):
     router = _deepseek_v2_router(method, groups=1, topk_group=1)
     logits = torch.cat([LOGITS, torch.tensor([-2.0, 0.7, -0.5])])
     draws, tau = 40_000, 0.7
-    noise = _draws("engine", draws, logits.numel()) * tau
-    _, idx = routing.softmax_group_limited(router, logits.expand(draws, -1), noise)
-    counts = {}
-    for row in idx.sort(dim=-1).values.tolist():
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    expected = _expected_set_probs(logits, tau)
-    keys = [s for s, q in expected.items() if q * draws >= 5]
-    rest = 1 - sum(expected[s] for s in keys)
-    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
-    exp = [expected[s] * draws for s in keys] + [rest * draws]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    counts = _selected_set_frequencies(routing.softmax_group_limited, logits, tau, draws, source="engine",
+                                       router=router)
+    assert _chi_square_pvalue(counts, _expected_set_probs(logits, tau), draws) > 1e-3
 
 
 def test_biased_logit_topk_sigmoid_without_noise_is_kolibri1s_router():
@@ -456,14 +427,6 @@ def test_biased_logit_topk_sigmoid_is_gumbel_top_k():
     bias = torch.tensor([0.3, -0.2, 0.0, 0.5, -0.4])
     router.e_score_correction_bias, router.norm_topk_prob = bias, True
     draws, tau = 40_000, 0.7
-    noise = _draws("engine", draws, LOGITS.numel()) * tau
-    _, idx = routing.biased_logit_topk_sigmoid(router, LOGITS.expand(draws, -1), noise)
-    counts = {}
-    for row in idx.sort(dim=-1).values.tolist():
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    expected = _expected_set_probs(LOGITS + bias, tau)
-    keys = [s for s, q in expected.items() if q * draws >= 5]
-    rest = 1 - sum(expected[s] for s in keys)
-    obs = [counts.get(s, 0) for s in keys] + [draws - sum(counts.get(s, 0) for s in keys)]
-    exp = [expected[s] * draws for s in keys] + [rest * draws]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    counts = _selected_set_frequencies(routing.biased_logit_topk_sigmoid, LOGITS, tau, draws, source="engine",
+                                       router=router)
+    assert _chi_square_pvalue(counts, _expected_set_probs(LOGITS + bias, tau), draws) > 1e-3
