@@ -226,6 +226,16 @@ def _keep_top_groups(choice: torch.Tensor, groups: int, topk_group: int, fill: f
     return choice.masked_fill(~keep.repeat_interleave(E // groups, dim=1), fill)
 
 
+def _grouped_weights(router, choice: torch.Tensor, scores: torch.Tensor):
+    """The group-limited families' tail: the top_k experts of the perturbed `choice`, weighted by their clean
+    `scores`, renormalised where norm_topk_prob, times routed_scaling_factor."""
+    idx = choice.topk(router.top_k, dim=-1).indices
+    weights = scores.gather(-1, idx)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, idx
+
+
 def sigmoid_grouped(router, logits: torch.Tensor, noise: torch.Tensor):
     """Sigmoid scores plus a correction bias, group-limited top-k (DeepSeek-V3, GLM-4-MoE, dots1).
 
@@ -238,11 +248,7 @@ def sigmoid_grouped(router, logits: torch.Tensor, noise: torch.Tensor):
     choice = (logits + noise).sigmoid() + router.e_score_correction_bias.float()
     groups = router.num_group if hasattr(router, "num_group") else router.n_group
     choice = _keep_top_groups(choice, groups, router.topk_group, float("-inf"))
-    idx = choice.topk(router.top_k, dim=-1).indices
-    weights = scores.gather(-1, idx)
-    if router.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * router.routed_scaling_factor, idx
+    return _grouped_weights(router, choice, scores)
 
 
 def softmax_bias_topk(router, logits: torch.Tensor, noise: torch.Tensor):
@@ -434,11 +440,7 @@ def softmax_grouped(router, logits: torch.Tensor, noise: torch.Tensor):
     probs = F.softmax(logits, dim=-1)
     choice = F.softmax(logits + noise, dim=-1)
     choice = _keep_top_groups(choice, router.num_group, router.topk_group, 0.0)  # the model's fill: 0, not -inf
-    idx = choice.topk(router.top_k, dim=-1).indices
-    weights = probs.gather(-1, idx)
-    if router.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * router.routed_scaling_factor, idx
+    return _grouped_weights(router, choice, probs)
 
 
 def muse_spark_sigmoid_topk(router, logits: torch.Tensor, noise: torch.Tensor):
