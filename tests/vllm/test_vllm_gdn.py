@@ -9,7 +9,8 @@ plain vLLM.
 import pytest
 
 from conftest import engine_reference, start_llm, stop_llm
-from test_vllm_mla import BF16_MAX, BF16_MEAN, BF16_MIN_SHARED, TINY_MEAN, _prefix_diffs, _tokens_logprobs
+from test_vllm_mla import (BF16_MAX, BF16_MEAN, BF16_MIN_SHARED, TINY_MEAN, _assert_close_on_common_prefix,
+                           _prefix_diffs, _tokens_logprobs)
 from test_vllm_roe import ARRIVALS, NEW, PROMPTS, ROE, _continuous, _greedy
 
 ARCH = "qwen3_next"
@@ -50,10 +51,8 @@ def test_gdn_noisy_rows_read_the_clean_state(run):
     """tau -> 0: the K-1 noisy rows (each a step from a copy of the clean state) keep RoE's aggregate within
     bf16 rounding of plain vLLM on the common greedy prefix."""
     diffs, shared = _prefix_diffs(*run["plain"], *run["tiny"])
-    print(f"MEASURED {ARCH} bf16 tau->0 vs plain: {shared} shared tokens, mean {sum(diffs) / len(diffs):.4f}, "
-          f"max {max(diffs):.4f}")
-    assert shared >= len(PROMPTS) * 4
-    assert sum(diffs) / len(diffs) < TINY_MEAN and max(diffs) < TINY_MAX, (sum(diffs) / len(diffs), max(diffs))
+    _assert_close_on_common_prefix(f"{ARCH} bf16 tau->0 vs plain", diffs, shared, len(PROMPTS) * 4, TINY_MEAN,
+                                   TINY_MAX)
 
 
 def test_gdn_roe_matches_engine_on_common_prefix(run):
@@ -61,10 +60,9 @@ def test_gdn_roe_matches_engine_on_common_prefix(run):
     ref = run["engine"][0]
     toks, lps = run["roe"]
     diffs, shared = _prefix_diffs(toks, lps, [x["token_ids"] for x in ref], [x["logprobs"] for x in ref])
-    print(f"MEASURED {ARCH} bf16 RoE vs engine: {shared}/{sum(len(t) for t in toks)} shared tokens, "
-          f"mean {sum(diffs) / len(diffs):.4f}, max {max(diffs):.4f}")
-    assert shared >= BF16_MIN_SHARED * sum(len(t) for t in toks), shared
-    assert sum(diffs) / len(diffs) < BF16_MEAN and max(diffs) < BF16_MAX, (sum(diffs) / len(diffs), max(diffs))
+    total = sum(len(t) for t in toks)
+    _assert_close_on_common_prefix(f"{ARCH} bf16 RoE vs engine", diffs, shared, BF16_MIN_SHARED * total, BF16_MEAN,
+                                   BF16_MAX, total)
 
 
 def test_gdn_continuous_batching_matches_engine_on_common_prefix(run):

@@ -41,6 +41,15 @@ def _prefix_diffs(a_toks, a_lps, b_toks, b_lps):
     return diffs, shared
 
 
+def _assert_close_on_common_prefix(what, diffs, shared, min_shared, mean_tol, max_tol, total=None):
+    """Print the measured prefix comparison and check it: enough shared tokens, mean and max |difference|."""
+    mean, top = sum(diffs) / len(diffs), max(diffs)
+    print(f"MEASURED {what}: {shared}{'' if total is None else f'/{total}'} shared tokens, mean {mean:.4f}, "
+          f"max {top:.4f}")
+    assert shared >= min_shared, shared
+    assert mean < mean_tol and top < max_tol, (mean, top)
+
+
 @pytest.fixture(scope="module")
 def references(checkpoint, tmp_path_factory):
     jobs = []
@@ -131,10 +140,8 @@ def test_mla_bf16_noisy_rows_read_the_latent_cache(runs, arch):
     aggregate within bf16 rounding of plain vLLM on the common greedy prefix."""
     r = runs(arch)
     diffs, shared = _prefix_diffs(*r["bf16_plain"], *r["bf16_tiny"])
-    print(f"MEASURED {arch} bf16 tau->0 vs plain: {shared} shared tokens, mean {sum(diffs) / len(diffs):.4f}, "
-          f"max {max(diffs):.4f}")
-    assert shared >= len(PROMPTS) * 4
-    assert sum(diffs) / len(diffs) < TINY_MEAN and max(diffs) < TINY_MAX, (sum(diffs) / len(diffs), max(diffs))
+    _assert_close_on_common_prefix(f"{arch} bf16 tau->0 vs plain", diffs, shared, len(PROMPTS) * 4, TINY_MEAN,
+                                   TINY_MAX)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -144,10 +151,9 @@ def test_mla_bf16_roe_matches_engine_on_common_prefix(runs, arch):
     ref = r["engine"][2]
     toks, lps = r["bf16_roe"]
     diffs, shared = _prefix_diffs(toks, lps, [x["token_ids"] for x in ref], [x["logprobs"] for x in ref])
-    print(f"MEASURED {arch} bf16 RoE vs engine: {shared}/{sum(len(t) for t in toks)} shared tokens, "
-          f"mean {sum(diffs) / len(diffs):.4f}, max {max(diffs):.4f}")
-    assert shared >= BF16_MIN_SHARED * sum(len(t) for t in toks), shared
-    assert sum(diffs) / len(diffs) < BF16_MEAN and max(diffs) < BF16_MAX, (sum(diffs) / len(diffs), max(diffs))
+    total = sum(len(t) for t in toks)
+    _assert_close_on_common_prefix(f"{arch} bf16 RoE vs engine", diffs, shared, BF16_MIN_SHARED * total, BF16_MEAN,
+                                   BF16_MAX, total)
 
 
 def test_mla_other_backends_refused_in_one_line():
