@@ -217,3 +217,50 @@ def test_lm_eval_task_end_to_end(tmp_path, monkeypatch):
     assert c["metric"] == "acc" and c["n"] == 2 and c["higher_is_better"] is True
     assert r["tuning"]["study_choice"]["from"].startswith("the model's")
     assert all(v in (0.0, 1.0) for row in r["tasks"]["study_choice"]["rows"] for v in row["values"])
+
+
+# ---- adaptive K against fixed K at matched cost ---------------------------------------------------------------
+ADAPTIVE_ARGS = ["study", "--model", "builtin:s", "--tasks", "ppl", "--trials", "2", "--val-examples", "3",
+                 "--test-examples", "3", "--seeds", "2", "-k", "4", "--ks", "2,4", "--bench-tokens", "2",
+                 "--bench-repeats", "1", "--bootstrap-resamples", "200", "--no-progress"]
+
+
+def test_adaptive_variants_against_fixed_k_at_matched_cost(tmp_path):
+    # entropy > 0 holds at every position: the variant is fixed K = 4 itself (same values, same experts read);
+    # a top-2 margin below 0 never holds: no decode step runs noisy rows, so it reads the base model's experts
+    assert main([*ADAPTIVE_ARGS, "--adaptive", "entropy:0,margin:0,entropy:0.5", "-o", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "study.json").read_text())
+    assert max(r["tuning"]["ppl"]["tau"]) > 0  # the tuned RoE is noisy, or every comparison would be trivial
+    c = r["tasks"]["ppl"]["comparison"]
+    fixed = {f["k"]: f for f in c["roe"]}
+    variants = {v["variant"]: v for v in c["adaptive"]}
+    assert list(variants) == ["entropy 0", "margin 0", "entropy 0.5"] and all(v["k"] == 4 for v in c["adaptive"])
+    always = variants["entropy 0"]
+    assert always["per_seed"] == pytest.approx(fixed[4]["per_seed"], abs=1e-9)
+    assert always["cost"]["experts_per_layer_step"] == fixed[4]["cost"]["experts_per_layer_step"]
+    assert always["matched_k"] == 4 and always["difference_vs_matched"]["mean"] == pytest.approx(0, abs=1e-9)
+    never = variants["margin 0"]
+    assert never["cost"]["experts_per_layer_step"] == c["base"]["cost"]["experts_per_layer_step"]
+    assert never["matched_k"] == 2  # the cheapest fixed K is the nearest
+    base_experts = c["base"]["cost"]["experts_per_layer_step"]
+    assert base_experts < fixed[2]["cost"]["experts_per_layer_step"] < fixed[4]["cost"]["experts_per_layer_step"]
+    some = variants["entropy 0.5"]
+    assert base_experts <= some["cost"]["experts_per_layer_step"] <= fixed[4]["cost"]["experts_per_layer_step"]
+    for v in c["adaptive"]:
+        assert v["seeds"] == 2 and {"mean", "ci_low", "ci_high", "verdict"} <= set(v["difference_vs_matched"])
+    md = (tmp_path / "study.md").read_text()
+    assert "## Adaptive K vs fixed K at matched cost" in md and "| ppl | adaptive K = 4, margin 0 |" in md
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--adaptive", "entropy"], "METRIC:THRESHOLD"),
+    (["--adaptive", "loss:1"], "METRIC:THRESHOLD"),
+    (["--adaptive", "margin:2"], "margin"),
+    (["--adaptive", "entropy:1,entropy:1"], "twice"),
+    (["--adaptive", "entropy:1", "--adaptive-metric", "margin", "--adaptive-threshold", "0.5"], "fixed K"),
+    (["--adaptive", "entropy:1", "--cache", "full"], "clean cache"),
+])
+def test_bad_adaptive_flags_are_one_line_errors(extra, message, capsys, tmp_path):
+    assert main([*ADAPTIVE_ARGS, "-o", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -183,6 +183,7 @@ class Study:
     bar: object
     ks: list
     seeds: int
+    variants: list = field(default_factory=list)  # adaptive K variants (study_adaptive.parse_variants)
 
     def versions(self) -> dict:
         from .routing import NOISE_VERSION
@@ -266,19 +267,24 @@ def score_items(roster, spec: TaskSpec, bar=None) -> dict:
             "higher_is_better": higher, "seconds": round(res.seconds, 3), "generated_tokens": res.generated_tokens}
 
 
-def configs_for(st: Study, tau) -> list[dict]:
-    """The base model (K = 1, tau = 0, run once: it has no noise) and RoE at every K and seed."""
+def configs_for(st: Study, tau) -> list[tuple[str | None, dict]]:
+    """(adaptive variant or None, config): the base model (K = 1, tau = 0, run once: it has no noise), RoE at
+    every K and seed, and each adaptive K variant at the main K and every seed."""
+    from .study_adaptive import label
+
     base = st.roster.config.replace(num_samples=1, tau=0.0, seed=0).to_dict()
     roe = [st.roster.config.replace(num_samples=k, tau=tau, seed=seed).to_dict()
            for k in st.ks for seed in range(st.seeds)]
-    return [base, *roe]
+    adaptive = [(label(v), st.roster.config.replace(num_samples=st.args.study_k, tau=tau, seed=seed, **v).to_dict())
+                for v in st.variants for seed in range(st.seeds)]
+    return [(None, base), *((None, c) for c in roe), *adaptive]
 
 
 def evaluate_task(st: Study, spec: TaskSpec, tau, extra: dict) -> list[dict]:
     from tqdm import tqdm
 
     rows = []
-    for cfg in configs_for(st, tau):
+    for variant, cfg in configs_for(st, tau):
         cfg = {**cfg, **extra} if cfg["num_samples"] > 1 else cfg
         items = items_hash(spec.test_items) if spec.test_items else {"lm-eval": spec.name, "limit": spec.limit,
                                                                      "include": folder_hash(spec.include_path)}
@@ -292,8 +298,9 @@ def evaluate_task(st: Study, spec: TaskSpec, tau, extra: dict) -> list[dict]:
             finally:
                 inner.close()
 
-        label = f"eval {spec.name} K={cfg['num_samples']} seed={cfg['seed']}"
-        rows.append({"k": cfg["num_samples"], "seed": cfg["seed"], **st.unit(desc, compute, label)})
+        label = f"eval {spec.name} K={cfg['num_samples']}{' ' + variant if variant else ''} seed={cfg['seed']}"
+        rows.append({"k": cfg["num_samples"], "seed": cfg["seed"], "adaptive": variant,
+                     **st.unit(desc, compute, label)})
     return rows
 
 
@@ -314,54 +321,63 @@ def cost_prompt(st: Study, spec: TaskSpec):
 
 
 def measure_costs(st: Study, spec: TaskSpec, tau) -> list[dict]:
-    """bench.measure for the base model and RoE at every K, one unit: a warm-up each, then --bench-repeats
-    interleaved rounds (as `roe bench` does, so a shared machine's slow drift hits every K alike); the median."""
+    """bench.measure for the base model, RoE at every K and each adaptive variant, one unit: a warm-up each, then
+    --bench-repeats interleaved rounds (as `roe bench` does, so a shared machine's slow drift hits every
+    configuration alike); the median; and the distinct experts each reads per MoE layer per decode step."""
     from dataclasses import asdict
 
     from .bench import _median_row, measure
+    from .study_adaptive import experts_per_step, label
 
     prompt = cost_prompt(st, spec)
     ks = [1, *st.ks]
-    rosters = {k: st.roster.with_config(num_samples=k, tau=tau if k > 1 else 0.0) for k in ks}
-    desc = {"unit": "cost", "task": spec.name, "ks": ks, "tau": rosters[ks[-1]].config.to_dict()["tau"],
+    configs = [(None, k, st.roster.with_config(num_samples=k, tau=tau if k > 1 else 0.0)) for k in ks]
+    configs += [(label(v), st.args.study_k, st.roster.with_config(num_samples=st.args.study_k, tau=tau, **v))
+                for v in st.variants]
+    desc = {"unit": "cost", "task": spec.name, "ks": ks, "tau": configs[-1][2].config.to_dict()["tau"],
             "cache": st.roster.config.cache, "prompt": prompt.tolist(), "new_tokens": st.args.bench_tokens,
             "repeats": st.args.bench_repeats, "device": str(st.roster.model.device)}
+    if st.variants:  # a study without them keeps its recorded cost unit
+        desc["adaptive"] = [label(v) for v in st.variants]
 
-    def one(k, tokens):
-        r = rosters[k]
+    def one(k, r, tokens):
         return measure(r, "base" if k == 1 else "roe", k, r.config.cache, prompt, tokens)
 
     def compute():
-        for k in ks:
-            one(k, 2)  # warm-up: lazy allocations, any compilation
-        runs = {k: [] for k in ks}
+        for _, k, r in configs:
+            one(k, r, 2)  # warm-up: lazy allocations, any compilation
+        runs = [[] for _ in configs]
         for _ in range(st.args.bench_repeats):
-            for k in ks:
-                runs[k].append(one(k, st.args.bench_tokens))
+            for i, (_, k, r) in enumerate(configs):
+                runs[i].append(one(k, r, st.args.bench_tokens))
         fields = ("tokens_per_s", "ms_per_token", "peak_mem_bytes", "kv_cache_bytes", "repeats", "ms_per_token_min",
                   "ms_per_token_max", "compiled")
-        return [{"k": k, "method": "base" if k == 1 else "roe",
-                 **{f: asdict(_median_row(runs[k]))[f] for f in fields}} for k in ks]
+        return [{"k": k, "method": "base" if k == 1 else "roe", "adaptive": name,
+                 "experts_per_layer_step": experts_per_step(r, prompt),
+                 **{f: asdict(_median_row(runs[i]))[f] for f in fields}} for i, (name, k, r) in enumerate(configs)]
 
     return st.unit(desc, compute, f"cost {spec.name}")
 
 
 def compare(rows: list[dict], costs: list[dict], args) -> dict:
-    """Per K: the quality over seeds and the paired per-item difference to the base model, next to the cost."""
+    """Per K: the quality over seeds and the paired per-item difference to the base model, next to the cost;
+    then each adaptive K variant against the base model and the fixed K of matched cost (study_adaptive)."""
     import numpy as np
 
     from .stats import paired_difference
+    from .study_adaptive import compare_variants
 
     base = next(r for r in rows if r["k"] == 1)
-    cost = {c["k"]: c for c in costs}
+    cost = {c["k"]: c for c in costs if not c.get("adaptive")}
     out = {"metric": base["metric"], "higher_is_better": base["higher_is_better"], "n": len(base["values"]),
            "base": {"value": base["value"], "cost": cost.get(1)}, "roe": []}
     if base["weights"] is not None:
         out["difference_unit"] = "log-perplexity (nats per token), RoE minus base"
     else:
         out["difference_unit"] = f"{base['metric']} per item, RoE minus base"
-    for k in sorted({r["k"] for r in rows} - {1}):
-        group = sorted((r for r in rows if r["k"] == k), key=lambda r: r["seed"])
+    fixed = [r for r in rows if not r.get("adaptive")]
+    for k in sorted({r["k"] for r in fixed} - {1}):
+        group = sorted((r for r in fixed if r["k"] == k), key=lambda r: r["seed"])
         values = np.array([r["values"] for r in group]).T  # [items, seeds]
         diff = paired_difference(values, base["values"], base["weights"], args.level, base["higher_is_better"],
                                  args.bootstrap_resamples, seed=k)
@@ -369,6 +385,8 @@ def compare(rows: list[dict], costs: list[dict], args) -> dict:
             statistics.stdev(r["value"] for r in group) if len(group) > 1 else 0.0)
         out["roe"].append({"k": k, "value": mean, "std_over_seeds": std, "seeds": len(group),
                            "per_seed": [r["value"] for r in group], "difference": diff, "cost": cost.get(k)})
+    if any(r.get("adaptive") for r in rows):
+        out["adaptive"] = compare_variants(rows, out, {c["adaptive"]: c for c in costs if c.get("adaptive")}, args)
     return out
 
 
@@ -419,10 +437,13 @@ def run_study(args, roster) -> dict:
     """Every unit of the study (recorded or computed) and the comparison; raises StopStudy at --max-units."""
     from tqdm import tqdm
 
+    from .study_adaptive import check_compatible, parse_variants
+
+    specs, ks, n = task_specs(args), ks_of(args), len(roster.routers)
+    tuned_names, variants = tuned_parameters(args.tune), parse_variants(args.adaptive)
+    check_compatible(args, roster)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    specs, ks, n = task_specs(args), ks_of(args), len(roster.routers)
-    tuned_names = tuned_parameters(args.tune)
     settings = {s.name: category_settings(args, s.category, n) for s in specs if s.category != "lm-eval"}
     for s in specs:
         if s.category != "lm-eval" and not s.val_items:
@@ -430,10 +451,10 @@ def run_study(args, roster) -> dict:
         elif s.name in settings:
             s.val_items = s.val_items[: settings[s.name]["val_examples"]]
     total = sum(settings[s.name]["trials"] if s.name in settings else 0 for s in specs)
-    total += len(specs) * (1 + len(ks) * args.seeds + 1)
+    total += len(specs) * (1 + (len(ks) + len(variants)) * args.seeds + 1)
     bar = tqdm(total=total, desc="study", disable=args.no_progress)
     st = Study(roster, args, fingerprint(roster, args.model), State(out / "state.json", args.max_units), bar, ks,
-               args.seeds)
+               args.seeds, variants)
     result = {"tasks": {}, "tuning": {}}
     try:
         for spec in specs:
@@ -483,6 +504,10 @@ def cmd_study(args) -> int:
         main = next(r for r in task["comparison"]["roe"] if r["k"] == args.study_k)["difference"]
         print(f"{name}: RoE K={args.study_k} minus base {main['mean']:+.4f} "
               f"[{main['ci_low']:+.4f}, {main['ci_high']:+.4f}] -> {main['verdict']}")
+        for v in task["comparison"].get("adaptive", []):
+            m = v.get("difference_vs_matched")
+            print(f"{name}: adaptive K={v['k']} {v['variant']} minus fixed K={v['matched_k']} (matched cost) "
+                  + (f"{m['mean']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] -> {m['verdict']}" if m else "-"))
     print(f"units: {result['units']['computed']} computed, {result['units']['reused']} reused; wrote "
           + ", ".join(map(str, paths)))
     return 0 if all(math.isfinite(t["comparison"]["base"]["value"]) for t in result["tasks"].values()) else 1
@@ -514,6 +539,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tau", dest="study_max_tau", metavar="V", help=f"largest tau; {per}")
     p.add_argument("--tune-skip-layers", dest="study_skip_layers", metavar="V", help=f"clean MoE layers at each end; {per}")
     p.add_argument("--tune", default="tau", help=f"parameters to tune, comma-separated, of: {', '.join(TUNABLE)}")
+    p.add_argument("--adaptive", metavar="METRIC:THRESHOLD[,...]",
+                   help="adaptive K variants (entropy:0.5,margin:0.9) run at -k with the tuned tau and compared "
+                        "with fixed K at matched cost (experts read per decode step); clean cache")
     p.add_argument("--tune-seed", type=int, default=0, help="the TPE sampler's and the tuning noise's seed")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals and verdicts")
     p.add_argument("--bootstrap-resamples", type=int, default=9999)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .study_adaptive import report_lines as adaptive_lines
+
 PLOTS = ("quality_vs_k.png", "quality_vs_tau.png", "quality_vs_cost.png")
 
 
@@ -95,6 +97,7 @@ def markdown(result: dict, args, roster, k: int) -> str:
             "run on this machine (`roe.bench.measure`: greedy decode, median of the repeats; base = the plain "
             "model with its own cache; peak memory is the process RSS on CPU, allocated memory on CUDA).", ""]
     body = ["## Quality vs K", "", *k_table(result), "", "![quality vs K](quality_vs_k.png)", "",
+            *adaptive_lines(result),
             "## Tuning (validation split, Optuna TPE)", "", *tuning_lines(result), "",
             "![quality vs tau](quality_vs_tau.png)", "",
             "## Quality vs cost", "", "![quality vs cost](quality_vs_cost.png)", ""]
@@ -162,6 +165,10 @@ def _cost_plot(result: dict, out: Path, plt) -> Path:
         ax.plot([p[2] for p in points], [p[1] for p in points], "o-")
         for k, v, ms in points:
             ax.annotate(f"K={k}", (ms, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for a in (a for a in c.get("adaptive", []) if a["cost"]):  # adaptive K variants: their own markers
+            ax.plot([a["cost"]["ms_per_token"]], [a["value"]], "s", color="C1")
+            ax.annotate(a["variant"], (a["cost"]["ms_per_token"], a["value"]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points")
         ax.set(title=name, xlabel="ms per token (decode)", ylabel=c["metric"])
     fig.tight_layout()
     fig.savefig(out / PLOTS[2], dpi=100)
