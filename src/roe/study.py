@@ -37,6 +37,7 @@ DEFAULT_K = 32
 # that field (adaptive K) and is refused with one line otherwise.
 TUNABLE = ("tau", "adaptive_threshold")
 STATE_VERSION = 1
+EXPERT_PROMPTS = 8  # test prompts the experts read per decode step are averaged over (16 greedy steps each)
 
 
 class StopStudy(Exception):
@@ -304,18 +305,18 @@ def evaluate_task(st: Study, spec: TaskSpec, tau, extra: dict) -> list[dict]:
     return rows
 
 
-def cost_prompt(st: Study, spec: TaskSpec):
-    """The token ids of the task's first test prompt (what a decode step of this task sees)."""
+def cost_prompt(st: Study, spec: TaskSpec, item: int = 0):
+    """The token ids [1, T] of the task's test prompt number `item` (what a decode step of this task sees)."""
     import torch
 
     from .tasks import TASKS
 
     text = "Question: How many apples are left?\nAnswer:"
-    if spec.test_items and spec.category in TASKS:
-        ex = spec.test_items[0]
+    if len(spec.test_items) > item and spec.category in TASKS:
+        ex = spec.test_items[item]
         text = TASKS[spec.category].prompt(ex["program"] if spec.category == "code" else ex["question"])
-    elif spec.test_items and spec.category == "ppl":
-        text = spec.test_items[0]["text"]
+    elif len(spec.test_items) > item and spec.category == "ppl":
+        text = spec.test_items[item]["text"]
     ids = st.roster.encode_prompt(text)[-st.args.bench_prompt_tokens:]
     return torch.tensor([ids], device=st.roster.model.device)
 
@@ -330,6 +331,8 @@ def measure_costs(st: Study, spec: TaskSpec, tau) -> list[dict]:
     from .study_adaptive import experts_per_step, label
 
     prompt = cost_prompt(st, spec)
+    # experts read: over several of the task's prompts (it depends on the tokens where adaptive K's gate is on)
+    expert_prompts = [cost_prompt(st, spec, i) for i in range(min(EXPERT_PROMPTS, max(1, len(spec.test_items))))]
     ks = [1, *st.ks]
     configs = [(None, k, st.roster.with_config(num_samples=k, tau=tau if k > 1 else 0.0)) for k in ks]
     configs += [(label(v), st.args.study_k, st.roster.with_config(num_samples=st.args.study_k, tau=tau, **v))
@@ -339,6 +342,7 @@ def measure_costs(st: Study, spec: TaskSpec, tau) -> list[dict]:
             "repeats": st.args.bench_repeats, "device": str(st.roster.model.device)}
     if st.variants:  # a study without them keeps its recorded cost unit
         desc["adaptive"] = [label(v) for v in st.variants]
+        desc["expert_prompts"] = len(expert_prompts)
 
     def one(k, r, tokens):
         return measure(r, "base" if k == 1 else "roe", k, r.config.cache, prompt, tokens)
@@ -353,7 +357,7 @@ def measure_costs(st: Study, spec: TaskSpec, tau) -> list[dict]:
         fields = ("tokens_per_s", "ms_per_token", "peak_mem_bytes", "kv_cache_bytes", "repeats", "ms_per_token_min",
                   "ms_per_token_max", "compiled")
         return [{"k": k, "method": "base" if k == 1 else "roe", "adaptive": name,
-                 "experts_per_layer_step": experts_per_step(r, prompt),
+                 "experts_per_layer_step": experts_per_step(r, expert_prompts),
                  **{f: asdict(_median_row(runs[i]))[f] for f in fields}} for i, (name, k, r) in enumerate(configs)]
 
     return st.unit(desc, compute, f"cost {spec.name}")

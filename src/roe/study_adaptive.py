@@ -55,12 +55,13 @@ def check_compatible(args, roster) -> None:
         raise ValueError("--adaptive needs the clean cache (adaptive K runs under it only): pass --cache clean")
 
 
-def experts_per_step(roster, prompt, steps: int = 16) -> float:
-    """Distinct experts the K rows of the prompt route to, per MoE layer per decode step (mean over layers)."""
+def experts_per_step(roster, prompts: list, steps: int = 16) -> float:
+    """Distinct experts the K rows of a prompt route to, per MoE layer per decode step (the mean over the MoE
+    layers and the prompts, each decoded `steps` greedy tokens)."""
     from .bench import distinct_experts
 
-    per_layer = distinct_experts(roster, prompt, steps)
-    return sum(per_layer) / len(per_layer)
+    per_prompt = [distinct_experts(roster, p, steps) for p in prompts]
+    return sum(sum(layers) / len(layers) for layers in per_prompt) / len(per_prompt)
 
 
 def matched_fixed(fixed: list[dict], variant_cost: dict | None) -> dict | None:
@@ -127,7 +128,7 @@ def report_lines(result: dict) -> list[str]:
         for v in c.get("adaptive", []):
             lines.append(_row(name, f"adaptive K = {v['k']}, {v['variant']}", v, fixed.get(v["matched_k"])))
     lines += ["", "experts/layer/step: the distinct experts the K rows of a prompt route to per MoE layer per decode "
-              "step (the study's cost prompt, 16 greedy steps), what a grouped expert kernel reads; the matched "
+              "step (the mean over up to 8 of the task's test prompts, 16 greedy steps each), what a grouped expert kernel reads; the matched "
               "fixed K is the one whose figure is nearest the adaptive variant's. tokens/s: this run, this "
               "machine (a CPU dispatch that computes every expert on every row reads all of them whatever the "
               "routing, so there adaptive K saves no time).", ""]

@@ -25,6 +25,7 @@ from pathlib import Path
 from .settings import GUARDED, SUPPORTED, SUPPORTED_NAMES, RoESettingsError, settings_from_hf_config
 
 _REQUEST_GUARD = "roe.vllm.requests:RoERequestGuard"
+_ADAPTIVE_GATES = "roe.vllm.adaptive:RoEAdaptiveGate"
 _ENV = "ROE_VLLM_STARTER_PID"  # inherited by vLLM's engine and worker processes
 
 
@@ -46,13 +47,15 @@ def install(registry) -> None:
     def inspect_model_cls(architectures, model_config, *args, **kwargs):
         info, arch = original(architectures, model_config, *args, **kwargs)
         hf_config = getattr(model_config, "hf_config", None)
-        if hf_config is not None and settings_from_hf_config(hf_config) is not None:
+        cfg = None if hf_config is None else settings_from_hf_config(hf_config)
+        if cfg is not None:
             reason = refusal(arch)
             if reason is not None:
                 raise RoESettingsError(reason)
             procs = list(getattr(model_config, "logits_processors", None) or [])
-            if _REQUEST_GUARD not in procs:  # refuses per-request RoE settings at admission (requests.py)
-                model_config.logits_processors = [*procs, _REQUEST_GUARD]
+            # refuses per-request RoE settings at admission (requests.py); adaptive K's gates (adaptive.py)
+            wanted = [_REQUEST_GUARD] + ([_ADAPTIVE_GATES] if cfg.adaptive_metric is not None else [])
+            model_config.logits_processors = [*procs, *(p for p in wanted if p not in procs)]
         return info, arch
 
     inspect_model_cls._roe_gate = True

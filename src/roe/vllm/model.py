@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import gumbel_noise, layer_taus
-from . import gate, mla, recurrent, routers
+from . import adaptive, gate, mla, recurrent, routers
 from .attend import attend
 from .history import history_blocks, reference_layer
 from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
@@ -56,9 +56,11 @@ def _arch(vllm_config) -> str:
 class _Step:
     """What the hooks of one RoE forward share."""
 
-    def __init__(self, n: int, idx: torch.Tensor, pos: torch.Tensor, k: int):
+    def __init__(self, n: int, idx: torch.Tensor, pos: torch.Tensor, k: int, query_lens: torch.Tensor):
         self.n = n  # vLLM's rows
         self.idx = idx  # [R] row of each sequence's RoE token
+        self.query_lens = query_lens  # [R] tokens of each sequence in this step
+        self.before: torch.Tensor | None = None  # adaptive K: [R, hidden] final hidden state of the row before idx
         self.pos = pos  # [R] its absolute position
         self.k = k
         self.extra = idx.numel() * (k - 1)  # noisy rows appended after the N rows
@@ -83,7 +85,7 @@ class RoEMixin:
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         try:
             cfg = settings_from_hf_config(vllm_config.model_config.hf_config)
-            _check_deployment(vllm_config)
+            _check_deployment(vllm_config, cfg)
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             self._roe_setup(cfg, vllm_config)
         except RoESettingsError as e:
@@ -96,6 +98,8 @@ class RoEMixin:
         from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
 
         self._roe = cfg
+        self._roe_vllm_config = vllm_config
+        self._roe_adaptive = None if cfg.adaptive_metric is None else (cfg.adaptive_metric, cfg.adaptive_threshold)
         self._roe_record: list | None = None  # set to a list to record (MoE ordinal, noisy experts [rows, k])
         self._roe_step: _Step | None = None
         self._roe_hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # (clean rows at idx, noisy rows)
@@ -163,6 +167,8 @@ class RoEMixin:
         n = step.n
         if step.parked:
             hidden = torch.cat([hidden, step.parked.pop(id(hidden))], dim=0)
+        if self._roe_adaptive is not None:  # the clean prediction before a chunk's RoE token (adaptive.py)
+            step.before = hidden[(step.idx - 1).clamp(min=0)]
         self._roe_hidden = (hidden[step.idx], hidden[n:], step)
         return hidden[:n]
 
@@ -184,14 +190,19 @@ class RoEMixin:
         if idx.numel() == 0:
             return None
         pos = positions.reshape(-1)[idx] if positions.dim() == 1 else positions[0][idx]
-        step = _Step(positions.shape[-1], idx, pos, self._roe.num_samples)
+        step = _Step(positions.shape[-1], idx, pos, self._roe.num_samples, (qsl[1:] - qsl[:-1]).to(pos.device))
         K, R = step.k, idx.numel()
+        on = None
+        if self._roe_adaptive is not None:  # a skipped sequence's noisy rows get no noise: they are the clean row
+            on = adaptive.known_gates(self._roe_vllm_config, step.query_lens).repeat_interleave(K - 1)[:, None]
         seed = torch.tensor(self._roe.seed, dtype=torch.long, device=pos.device)
         sample = torch.arange(1, K, device=pos.device, dtype=torch.long)[None, :]  # [1, K-1]
         for m, tau in enumerate(self._roe_taus):
             if tau > 0:
                 g = gumbel_noise(seed, pos[:, None].long(), sample, m, self._roe_experts[m])  # [R, K-1, E]
                 step.noise[m] = (g * tau).reshape(R * (K - 1), -1)
+                if on is not None:
+                    step.noise[m] = step.noise[m] * on
         return step
 
     def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -208,7 +219,11 @@ class RoEMixin:
         noisy_logits = super().compute_logits(noisy, *args, **kwargs)  # [R*(K-1), V]
         R, K = clean.shape[0], step.k
         all_logits = torch.cat([logits[:, None], noisy_logits.view(R, K - 1, -1)], dim=1)  # [R, K, V]
-        return aggregate(all_logits, self._roe.aggregate).to(logits.dtype)
+        out = aggregate(all_logits, self._roe.aggregate)
+        if self._roe_adaptive is not None:
+            before = super().compute_logits(step.before, *args, **kwargs)  # [R, V]
+            out = adaptive.combine(self._roe_vllm_config, self._roe_adaptive, out, logits, before, step.query_lens)
+        return out.to(logits.dtype)
 
 
 def aggregate(logits: torch.Tensor, how: str) -> torch.Tensor:
@@ -237,7 +252,7 @@ def _log_start(cfg, taus, arch: str) -> None:
         )
 
 
-def _check_deployment(vllm_config) -> None:
+def _check_deployment(vllm_config, cfg) -> None:
     from vllm.config import CUDAGraphMode
 
     par = vllm_config.parallel_config
@@ -252,6 +267,20 @@ def _check_deployment(vllm_config) -> None:
         raise RoESettingsError(
             "roe: CUDA graphs would replay steps captured without RoE's noisy rows; start vLLM with --enforce-eager"
         )
+    if cfg.adaptive_metric is not None:
+        _check_adaptive_deployment(vllm_config)
+
+
+def _check_adaptive_deployment(vllm_config) -> None:
+    """Adaptive K keeps each sequence's gate in the sampling rank's logits step (adaptive.py)."""
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        raise RoESettingsError("roe: adaptive K is not supported with tensor parallelism in vLLM (every rank must "
+                               "see the gates); use tensor_parallel_size=1 or leave adaptive_metric unset")
+    if vllm_config.cache_config.enable_prefix_caching:
+        # a prefix-cache hit can leave one token to compute, whose previous clean prediction was never made
+        # here: its gate would depend on what other requests cached
+        raise RoESettingsError("roe: adaptive K in vLLM needs enable_prefix_caching=False "
+                               "(--no-enable-prefix-caching)")
 
 
 # ---- hooks --------------------------------------------------------------------------------------------

@@ -79,8 +79,4 @@ def settings_from_hf_config(hf_config) -> RoEConfig | None:
             "roe: cache='full' is not available in vLLM: the plugin implements the clean cache (only the clean "
             "sample's keys/values go to vLLM's paged cache); use cache='clean'"
         )
-    if cfg.adaptive_metric is not None:
-        # the plugin's step has no per-request device state to carry the previous clean prediction in
-        raise RoESettingsError("roe: adaptive_metric (adaptive K) is not implemented in the vLLM plugin; leave it "
-                               "unset there or serve with `roe serve`")
     return cfg
