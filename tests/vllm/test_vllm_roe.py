@@ -188,15 +188,23 @@ def test_sampling_options_work_on_the_aggregate(runs):
     assert r["greedy_ids"] == runs("olmoe")["roe"][2][:4]  # greedy picks the aggregate's argmax
 
 
-def test_compiled_vllm_same_tokens(runs, checkpoint):
-    """Without --enforce-eager (vLLM compiles the model with torch.compile on the CPU), RoE steps bypass the
-    compiled graph and give the same tokens."""
-    llm = start_llm(checkpoint("olmoe"), roe=ROE, enforce_eager=False)
+@pytest.mark.parametrize("arch, compiles", [("olmoe", True), ("qwen2_moe", True), ("gpt_oss", True),
+                                            ("llama4_text", True), ("glm4_moe", False)])
+def test_compiled_vllm_same_tokens(runs, checkpoint, arch, compiles):
+    """Without --enforce-eager (vLLM compiles the model with torch.compile on the CPU) the decode-only steps run
+    inside the compiled graph (roe/vllm/compiled.py) and the steps with a prefill eagerly: the same tokens as
+    eager vLLM + RoE, batched and with requests arriving while others decode. glm4_moe runs every RoE step
+    eagerly (EAGER_DECODE)."""
+    llm = start_llm(checkpoint(arch), roe=ROE, enforce_eager=False, **LLM_ARGS.get(arch, {}))
     try:
-        got = [list(o.outputs[0].token_ids) for o in _greedy(llm, PROMPTS)]
+        got = [list(o.outputs[0].token_ids) for o in _greedy(llm, _prompts(arch))]
+        continuous = _continuous(llm)
+        steps = llm.apply_model(lambda model: model._roe_compiled_steps)[0]
     finally:
         stop_llm(llm)
-    assert got == runs("olmoe")["roe"]
+    assert got == runs(arch)["roe"]
+    assert continuous == runs(arch)["continuous"]
+    assert (steps > 0) == compiles, steps  # decode steps did (or did not) run in the compiled graph
 
 
 def test_tensor_parallel_same_tokens(runs, checkpoint):

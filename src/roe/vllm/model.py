@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import gumbel_noise, layer_taus
-from . import adaptive, gate, mla, recurrent, routers
+from . import adaptive, compiled, gate, mla, recurrent, routers
 from .attend import attend
 from .history import history_blocks, reference_layer
 from .settings import SUPPORTED, RoESettingsError, settings_from_hf_config
@@ -103,6 +103,8 @@ class RoEMixin:
         self._roe_record: list | None = None  # set to a list to record (MoE ordinal, noisy experts [rows, k])
         self._roe_step: _Step | None = None
         self._roe_hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # (clean rows at idx, noisy rows)
+        self._roe_compiles = False
+        self._roe_compiled_steps = 0  # RoE steps that ran in vLLM's compiled graph (diagnostics, tests)
         layers = self.model.layers
         moe: list[tuple[int, nn.Module]] = []  # (decoder layer, runner)
         self._roe_attn: list[tuple[int, nn.Module]] = []
@@ -127,18 +129,23 @@ class RoEMixin:
         for i, attn in self._roe_attn:
             if self._roe_fanout is not None and i >= self._roe_fanout:
                 (mla.hook if mla.is_mla(attn) else _hook_attention)(self, attn)
+        special = False  # a layer kind whose hooks have no compiled form (compiled.py)
         for layer in list(layers)[self._roe_fanout :] if self._roe_fanout is not None else []:
             for m in [m for m in layer.modules() if recurrent.is_gdn(m)]:  # linear attention (Qwen3-Next)
                 reason = recurrent.check_supported(m)
                 if reason is not None:
                     raise RoESettingsError(reason)
                 recurrent.hook(self, m)
+                special = True
+        special = special or any(mla.is_mla(a) for _, a in self._roe_attn)
         _log_start(cfg, self._roe_taus, _arch(vllm_config))
         if self._roe_fanout is not None:
             for attn in {(mla.is_mla(a), a.head_size): a for _, a in self._roe_attn}.values():  # one per kind
                 (mla.probe_layout_at_start if mla.is_mla(attn) else _probe_layout_at_start)(attn, vllm_config)
         if self._roe_fanout is not None:
             parks = _arch(vllm_config) in PARKED  # the noisy rows wait outside the model's loop between layers
+            # decode steps run in vLLM's compiled graph (compiled.py)
+            self._roe_compiles = not (parks or special) and _arch(vllm_config) not in EAGER_DECODE
             for module in list(layers)[self._roe_fanout :] + ([self.model.norm] if parks else []):
                 module.register_forward_pre_hook(partial(_widen, self), with_kwargs=True)
                 if parks:
@@ -149,22 +156,26 @@ class RoEMixin:
         self._roe_step = None
         self._roe_hidden = None
         step = self._roe_begin(positions) if self._roe_fanout is not None else None
-        if step is None:
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        n = positions.shape[-1]
+        if step is None:  # vLLM's compiled graph holds the noisy rows (compiled.py): drop them
+            hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            return hidden[:n] if isinstance(hidden, torch.Tensor) and hidden.shape[0] > n else hidden
         from vllm.forward_context import get_forward_context
 
         ctx = get_forward_context()
         saved = ctx.skip_compiled
-        ctx.skip_compiled = True  # the noisy rows change the shapes: run the model's eager forward
+        decode_only = self._roe_compiles and step.extra == n * (step.k - 1)  # one RoE token per row
+        # other steps' noisy rows are not the compiled graph's: run the model's eager forward
+        ctx.skip_compiled = saved if decode_only else True
         self._roe_step = step
         try:
             hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         finally:
             ctx.skip_compiled = saved
             self._roe_step = None
-        if not step.widened:
+        if not step.widened and hidden.shape[0] != n + step.extra:
             raise RuntimeError("roe: the noisy rows never entered the model (the fan-out layer did not run)")
-        n = step.n
+        self._roe_compiled_steps += not step.widened  # the eager hooks did not run: the compiled graph did
         if step.parked:
             hidden = torch.cat([hidden, step.parked.pop(id(hidden))], dim=0)
         if self._roe_adaptive is not None:  # the clean prediction before a chunk's RoE token (adaptive.py)
@@ -289,6 +300,8 @@ def _check_adaptive_deployment(vllm_config) -> None:
 def _widen(model: RoEMixin, layer: nn.Module, args, kwargs):
     """Pre-hook of every decoder layer from the fan-out on: give the N-row inputs (the hidden states and
     residual at the fan-out layer, the positions at every layer) the K-1 noisy copies of each RoE token."""
+    if torch.compiler.is_compiling():
+        return compiled.widen(model._roe.num_samples, args, kwargs) if model._roe_compiles else None
     step = model._roe_step
     if step is None:
         return None
@@ -307,6 +320,9 @@ def _widen(model: RoEMixin, layer: nn.Module, args, kwargs):
 # MoE gathers rows that way): each of their layers from the fan-out on hands back the N rows and parks the noisy
 # rows, which the next layer (or the final norm) takes back in
 PARKED = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+# compiled decode steps gave other noisy rows than the eager ones from the first decode step on (clean rows and
+# plain vLLM compiled agree; not understood yet): their RoE steps run eagerly, tokens as tested
+EAGER_DECODE = {"Glm4MoeForCausalLM"}
 
 
 def _park(model: RoEMixin, module: nn.Module, args, output):
@@ -338,6 +354,11 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
 
     def compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None):
         weights, ids = original(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        if torch.compiler.is_compiling():
+            return compiled.route(router_logits, weights, ids, handle) if model._roe_compiles else (weights, ids)
+        return noisy(router_logits, weights, ids)
+
+    def noisy(router_logits, weights, ids):
         step = model._roe_step
         if step is None or router_logits.shape[0] != step.n + step.extra:
             return weights, ids
@@ -349,6 +370,11 @@ def _hook_router(model: RoEMixin, ordinal: int, runner: nn.Module) -> None:
         ids = torch.cat([ids[:n], noisy_idx.to(ids.dtype)]).contiguous()
         return weights, ids
 
+    def at_run_time(router_logits, weights, ids):  # roe::route's body: outputs never alias its inputs
+        w, i = noisy(router_logits, weights, ids)
+        return (w.clone(), i.clone()) if w is weights else (w, i)
+
+    handle = compiled.register(at_run_time)
     router._compute_routing = compute_routing
 
 
@@ -363,6 +389,20 @@ def _hook_attention(model: RoEMixin, attn: nn.Module) -> None:
     window = None if window is None or window < 0 else int(window)
 
     def forward(query, key, value, output_shape=None, output_dtype=None):
+        if torch.compiler.is_compiling() and model._roe_compiles:
+            if output_shape is not None and tuple(output_shape[1:]) != tuple(query.shape[1:]):
+                raise RuntimeError("roe: a compiled RoE step needs attention outputs shaped like the queries")
+            return compiled.attention(query, key, value, handle)
+        return rows(query, key, value, output_shape, output_dtype)
+
+    def at_run_time(query, key, value):  # roe::attention's body
+        if model._roe_step is None:  # a dummy run through the compiled graph: the noisy rows are dropped
+            n = query.shape[0] // model._roe.num_samples
+            clean = original(query[:n], key[:n], value[:n])
+            return torch.cat([clean, clean.new_zeros(query.shape[0] - n, *clean.shape[1:])], dim=0)
+        return rows(query, key, value, None, None)
+
+    def rows(query, key, value, output_shape, output_dtype):
         step = model._roe_step
         if step is None or query.shape[0] != step.n + step.extra:
             return original(query, key, value, output_shape=output_shape, output_dtype=output_dtype)
@@ -376,6 +416,7 @@ def _hook_attention(model: RoEMixin, attn: nn.Module) -> None:
         noisy = _noisy_attention(model, attn, step, query[n:], key[n:], value[n:], window)
         return torch.cat([clean, noisy.to(clean.dtype).reshape(noisy.shape[0], *clean.shape[1:])], dim=0)
 
+    handle = compiled.register(at_run_time)
     attn.forward = forward
 
 
