@@ -22,9 +22,10 @@ whose logits vLLM computes: the last prompt token at prefill, the new token at d
   `compute_logits` computes the K logit rows of each sequence and returns the aggregate
   (log of the mean of the K softmaxes by default), a normalised log-distribution, to vLLM's sampler.
 
-The noisy rows run eagerly (the forward context's `skip_compiled`); vLLM's compiled graph still serves
-steps without RoE work (K = 1, tau = 0, profiling runs). CUDA graphs would replay a graph captured without
-the noisy rows, so a RoE deployment refuses a CUDA-graph mode other than NONE (`--enforce-eager`).
+Decode-only steps run inside vLLM's compiled graph when vLLM compiles (compiled.py); steps with a prefill chunk
+run the model's eager forward (the forward context's `skip_compiled`). CUDA graphs would replay a graph whose
+custom ops read the step at run time (shapes and block tables that change per step), so a RoE deployment
+refuses a CUDA-graph mode other than NONE.
 """
 
 from __future__ import annotations
