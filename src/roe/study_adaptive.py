@@ -83,12 +83,12 @@ def compare_variants(rows: list[dict], comparison: dict, costs: dict, args) -> l
     per_item = {}  # fixed K -> [items, seeds]
     for k in {r["k"] for r in comparison["roe"]}:
         per_item[k] = np.array([r["values"] for r in rows if r["k"] == k and not r.get("adaptive")]).T
+    fixed = [r for r in comparison["roe"] if r["cost"] and "experts_per_layer_step" in r["cost"]]
     out = []
     for name in dict.fromkeys(r["adaptive"] for r in rows if r.get("adaptive")):
         group = sorted((r for r in rows if r.get("adaptive") == name), key=lambda r: r["seed"])
         values = np.array([r["values"] for r in group]).T  # [items, seeds]
         cost = costs.get(name)
-        fixed = [r for r in comparison["roe"] if r["cost"] and "experts_per_layer_step" in r["cost"]]
         match = matched_fixed(fixed, cost)
         row = {"variant": name, "k": group[0]["k"], "value": statistics.fmean(r["value"] for r in group),
                "std_over_seeds": statistics.stdev(r["value"] for r in group) if len(group) > 1 else 0.0,
