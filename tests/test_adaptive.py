@@ -209,17 +209,20 @@ def test_cli_flags(capsys):
     assert "drop one of them" in capsys.readouterr().err
 
 
-def test_vllm_settings_refuse_it_in_one_line():
+def test_vllm_settings_take_it_with_the_engine_ranges():
+    """The vLLM plugin runs adaptive K (tests/vllm/test_vllm_adaptive.py); its settings are the engine's."""
     from types import SimpleNamespace
 
     from roe.vllm.settings import RoESettingsError, settings_from_hf_config
 
     assert settings_from_hf_config(SimpleNamespace(roe={"num_samples": 4, "tau": 0.3})).adaptive_metric is None
-    with pytest.raises(RoESettingsError) as e:
-        settings_from_hf_config(SimpleNamespace(roe={"adaptive_metric": "margin", "adaptive_threshold": 0.2}))
-    assert "not implemented in the vLLM plugin" in str(e.value) and "\n" not in str(e.value)
+    cfg = settings_from_hf_config(SimpleNamespace(roe={"num_samples": 4, "tau": 0.3, "adaptive_metric": "margin",
+                                                       "adaptive_threshold": 0.2}))
+    assert (cfg.adaptive_metric, cfg.adaptive_threshold) == ("margin", 0.2)
     with pytest.raises(RoESettingsError, match="roe: adaptive_metric must be one of"):
         settings_from_hf_config(SimpleNamespace(roe={"adaptive_metric": "x", "adaptive_threshold": 0.2}))
+    with pytest.raises(RoESettingsError, match="roe: adaptive_threshold for margin"):
+        settings_from_hf_config(SimpleNamespace(roe={"adaptive_metric": "margin", "adaptive_threshold": 2.0}))
 
 
 def test_tune_includes_the_threshold(tmp_path):
