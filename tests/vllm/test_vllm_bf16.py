@@ -13,7 +13,10 @@ from conftest import start_llm, stop_llm
 
 PROMPTS = ["Hello world", "abc", "The quick brown fox jumps over", "x", "0123456789", "Roster of Experts!"]
 NEW = 24
-MEAN_TOL, MAX_TOL = 0.05, 0.5  # nats per token over the common greedy prefix
+# nats per token over the common greedy prefix. The mean separates a right read (0.02) from a misread (0.53);
+# the largest single token is a bfloat16 near-tie: up to 0.29 on the AMX kernels, 0.62-0.65 on the vec kernels of
+# an AVX-512 CPU without AMX (gpt_oss, glm4_moe; the same before and after the plugin's changes of 2026-12-02)
+MEAN_TOL, MAX_TOL = 0.05, {"amx": 0.5, "vec": 0.8}
 
 
 def _greedy(llm):
@@ -49,7 +52,8 @@ def test_bf16_noisy_rows_read_the_cache(checkpoint, arch):
                 break  # past a flipped near-tie the two continue from different prefixes
     assert len(diffs) >= len(PROMPTS) * 4
     print(f"\n{arch} bf16 ({isa}): |RoE(tau->0) - plain| mean {sum(diffs) / len(diffs):.3f}, max {max(diffs):.3f}")
-    assert sum(diffs) / len(diffs) < MEAN_TOL and max(diffs) < MAX_TOL, (sum(diffs) / len(diffs), max(diffs))
+    kind = "amx" if "amx" in isa else "vec"
+    assert sum(diffs) / len(diffs) < MEAN_TOL and max(diffs) < MAX_TOL[kind], (sum(diffs) / len(diffs), max(diffs))
 
 
 def test_bf16_roe_generates_with_noise(checkpoint):
